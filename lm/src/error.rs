@@ -1,0 +1,55 @@
+//! The runtime's typed errors. Messages say what went wrong *and* what to do about it,
+//! because they surface unchanged in CLI output and gRPC statuses.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LmError {
+    #[error("unknown model alias `{0}`: use one of {aliases}, `hf:<org>/<repo>/<file>`, or a path to a .gguf file or a safetensors model directory", aliases = crate::source::ALIASES.iter().map(|a| a.alias).collect::<Vec<_>>().join(", "))]
+    UnknownAlias(String),
+
+    #[error("invalid model spec `{spec}`: {why}")]
+    BadSpec { spec: String, why: String },
+
+    #[error("model file not found: {}: check the path, or fetch the default models with `python3 deploy/fetch_models.py`", .0.display())]
+    NotFound(PathBuf),
+
+    #[error("model `{spec}` is not in the local cache and could not be fetched: {why}")]
+    Fetch { spec: String, why: String },
+
+    #[error("sha256 of {} is {actual}, expected {expected}: the file is corrupt or a different version; delete it and fetch again", path.display())]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("cannot read model {}: {why}; the file may be truncated or not a GGUF/safetensors model — fetch it again", path.display())]
+    Corrupt { path: PathBuf, why: String },
+
+    #[error("unsupported architecture `{0}`: this runtime loads llama (incl. SmolLM, Qwen2-style) and gemma3 models")]
+    UnsupportedArchitecture(String),
+
+    #[error("model metadata is missing `{0}`; the file is incomplete or not a supported model")]
+    MissingMetadata(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("context overflow: {needed} positions needed but the context holds {limit}; shorten the prompt or lower --max-tokens")]
+    ContextOverflow { needed: usize, limit: usize },
+
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, LmError>;

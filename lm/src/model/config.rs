@@ -1,0 +1,113 @@
+//! The shape of a decoder-only transformer and the per-architecture choices that change its
+//! forward (norms, activation, rope layout, sliding windows, embedding scale).
+
+use crate::error::{LmError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama, SmolLM and other Llama-shaped models.
+    Llama,
+    /// Qwen2: Llama with q/k/v biases.
+    Qwen2,
+    /// Gemma 3: q/k norms, sandwich norms, GELU, interleaved sliding-window layers.
+    Gemma3,
+}
+
+impl Architecture {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "llama" | "smollm" | "mistral" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
+            other => Err(LmError::UnsupportedArchitecture(other.into())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// How rotary embeddings pair up dimensions. GGUF llama weights were permuted by the
+/// converter for ggml's interleaved rope; HF weights and GGUF qwen2/gemma3 use halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    Interleaved,
+    Halves,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Architecture,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    /// The context the model was trained for.
+    pub context_length: usize,
+    pub norm_eps: f64,
+    pub rope_theta: f32,
+    /// Rope base of sliding-window layers, when they differ (Gemma 3: 10 000).
+    pub rope_theta_local: f32,
+    /// Sliding-window size and pattern: layer `i` is global when `(i + 1) % pattern == 0`.
+    pub sliding_window: Option<(usize, usize)>,
+    pub rope_style: RopeStyle,
+    pub activation: Activation,
+    /// Token embeddings are multiplied by this before layer 0 (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    pub attn_scale: f32,
+}
+
+impl ModelConfig {
+    /// Whether layer `i` attends only within the sliding window, and that window.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match self.sliding_window {
+            Some((w, pattern)) if (layer + 1) % pattern != 0 => Some(w),
+            _ => None,
+        }
+    }
+
+    pub fn rope_theta_of(&self, layer: usize) -> f32 {
+        if self.window_of(layer).is_some() {
+            self.rope_theta_local
+        } else {
+            self.rope_theta
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(LmError::InvalidInput(format!("model config: {why}")));
+        if self.hidden == 0
+            || self.layers == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.vocab == 0
+        {
+            return bad("zero-sized dimension".into());
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(format!(
+                "{} heads not divisible by {} kv heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("odd head dim {}", self.head_dim));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The input embedding matrix, read a few rows at a time.
+//!
+//! Dream steps need `E[i]` for a few hundred kept tokens per step; a 262k-row vocabulary must
+//! never be dequantized whole per step (Gemma's would be 671 MB of f32). Rows come out in the
+//! model's *input space*: already multiplied by the architecture's embedding scale, so that
+//! `forward(embed(ids)) == forward(ids)` and mixes of rows are valid inputs as they are.
+
+use crate::error::Result;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub(crate) enum Table {
+    Quantized(Arc<QTensor>),
+    /// `[vocab, hidden]` in the activation dtype.
+    Dense(Tensor),
+}
+
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Table,
+    vocab: usize,
+    hidden: usize,
+    scale: Option<f32>,
+    dtype: DType,
+    device: Device,
+    mean_row_rms: f32,
+}
+
+impl Embedding {
+    pub(crate) fn new(
+        table: Table,
+        scale: Option<f32>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (vocab, hidden) = match &table {
+            Table::Quantized(q) => q.shape().dims2()?,
+            Table::Dense(t) => t.dims2()?,
+        };
+        let mut e = Self {
+            table,
+            vocab,
+            hidden,
+            scale,
+            dtype,
+            device: device.clone(),
+            mean_row_rms: 0.0,
+        };
+        e.mean_row_rms = e.compute_mean_row_rms()?;
+        Ok(e)
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Mean over rows of `rms(E[i])`, in input space. The scale `hidden` latents are brought to.
+    pub fn mean_row_rms(&self) -> f32 {
+        self.mean_row_rms
+    }
+
+    /// `[ids.len(), hidden]` rows, in input space. Ids must be `< vocab` (checked).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
+            return Err(crate::LmError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.vocab
+            )));
+        }
+        let idx = Tensor::new(ids, &self.device)?;
+        let rows = match &self.table {
+            Table::Quantized(q) => q.embedding(&idx)?.to_dtype(self.dtype)?,
+            Table::Dense(t) => t.index_select(&idx, 0)?,
+        };
+        Ok(match self.scale {
+            Some(s) => (rows * s as f64)?,
+            None => rows,
+        })
+    }
+
+    /// `Σ wᵢ·E[idᵢ]` as `[1, hidden]`: a concept vector, from the kept rows only.
+    pub fn mix(&self, ids: &[u32], weights: &[f32]) -> Result<Tensor> {
+        let rows = self.rows(ids)?;
+        let w =
+            Tensor::from_slice(weights, (1, weights.len()), &self.device)?.to_dtype(self.dtype)?;
+        Ok(w.matmul(&rows)?)
+    }
+
+    fn compute_mean_row_rms(&self) -> Result<f32> {
+        const CHUNK: usize = 8192;
+        let mut sum = 0f64;
+        for start in (0..self.vocab).step_by(CHUNK) {
+            let ids: Vec<u32> = (start as u32..(start + CHUNK).min(self.vocab) as u32).collect();
+            let rows = self.rows(&ids)?.to_dtype(DType::F32)?;
+            let rms = rows.sqr()?.mean(1)?.sqrt()?;
+            sum += rms.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok((sum / self.vocab as f64) as f32)
+    }
+}

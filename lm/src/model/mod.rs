@@ -1,0 +1,352 @@
+//! A decoder-only transformer with its steps exposed separately: `embed`, `forward` over token
+//! ids *or* arbitrary input vectors (returning the final hidden state, after the final norm),
+//! and `logits`. candle-transformers' model files take ids only and hide the hidden state;
+//! latent steps and constrained decoding need all three, so the forward is ours.
+
+mod config;
+mod embedding;
+mod gguf;
+mod linear;
+mod rope;
+mod safetensors;
+
+pub use config::{Activation, Architecture, ModelConfig, RopeStyle};
+pub use embedding::Embedding;
+pub use gguf::GgufFile;
+pub(crate) use safetensors::safetensors_shards;
+
+use crate::cache::KvCache;
+use crate::error::{LmError, Result};
+use candle_core::{DType, Device, Tensor};
+use linear::Linear;
+use rope::RopeTables;
+
+/// What to feed at the next positions.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    Tokens(&'a [u32]),
+    /// `[n, hidden]` vectors in input space (see [`Model::embed`]).
+    Vectors(&'a Tensor),
+}
+
+/// Options that change how a model is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Positions a sequence may hold; defaults to the model's context, capped at 8192 so rope
+    /// tables and caches stay small. A sequence longer than this is a typed error.
+    pub max_context: Option<usize>,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_context: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+const DEFAULT_MAX_CONTEXT: usize = 8192;
+
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Norm>,
+}
+
+/// A loaded model. Immutable and shareable across threads; per-sequence state lives in
+/// [`KvCache`].
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embedding: Embedding,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    output: Linear,
+    rope: RopeTables,
+    max_context: usize,
+    dtype: DType,
+    device: Device,
+    quantization: String,
+}
+
+/// The tensors a loader hands over; shared by the GGUF and safetensors paths.
+struct Parts {
+    config: ModelConfig,
+    embedding: Embedding,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    output: Linear,
+    quantization: String,
+}
+
+impl Model {
+    fn assemble(p: Parts, opts: &LoadOptions, dtype: DType) -> Result<Self> {
+        p.config.validate()?;
+        let max_context = opts
+            .max_context
+            .unwrap_or(DEFAULT_MAX_CONTEXT)
+            .min(p.config.context_length)
+            .max(1);
+        let rope = RopeTables::new(&p.config, max_context, dtype, &opts.device)?;
+        Ok(Self {
+            config: p.config,
+            embedding: p.embedding,
+            blocks: p.blocks,
+            final_norm: p.final_norm,
+            output: p.output,
+            rope,
+            max_context,
+            dtype,
+            device: opts.device.clone(),
+            quantization: p.quantization,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Positions one sequence may hold.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// The weights' storage type (e.g. `Q4_1`, `Q4_K`, `bf16`), as loaded from the file.
+    pub fn quantization(&self) -> &str {
+        &self.quantization
+    }
+
+    pub fn embedding(&self) -> &Embedding {
+        &self.embedding
+    }
+
+    /// Bytes of weights read for one token: embedding row excluded, output projection included.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let per_block = |b: &Block| {
+            [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                .iter()
+                .map(|l| l.weight_bytes())
+                .sum::<usize>()
+        };
+        self.blocks.iter().map(per_block).sum::<usize>() + self.output.weight_bytes()
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.config.layers,
+            self.config.kv_heads,
+            self.config.head_dim,
+            self.max_context,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// `[n, hidden]`: the vectors layer 0 sees for these tokens (embedding scale applied).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embedding.rows(ids)
+    }
+
+    /// Runs `input` at the cache's next positions and returns the final hidden state
+    /// `[n, hidden]` (after the final norm). On error the cache is left as it was.
+    pub fn forward(&self, input: Input, cache: &mut KvCache) -> Result<Tensor> {
+        let x = match input {
+            Input::Tokens(ids) => {
+                if ids.is_empty() {
+                    return Err(LmError::InvalidInput(
+                        "forward needs at least one token".into(),
+                    ));
+                }
+                self.embed(ids)?
+            }
+            Input::Vectors(v) => {
+                let (n, h) = v.dims2().map_err(|_| {
+                    LmError::InvalidInput(format!(
+                        "input vectors must be [n, {}], got {:?}",
+                        self.config.hidden,
+                        v.dims()
+                    ))
+                })?;
+                if n == 0 || h != self.config.hidden {
+                    return Err(LmError::InvalidInput(format!(
+                        "input vectors must be [n >= 1, {}], got [{n}, {h}]",
+                        self.config.hidden
+                    )));
+                }
+                v.to_device(&self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        let n = x.dim(0)?;
+        cache.reserve(n)?;
+        let pos = cache.len();
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(i, block, &x, pos, cache)?;
+        }
+        cache.advance(n);
+        self.final_norm.forward(&x)
+    }
+
+    /// `[n, hidden] -> [n, vocab]` logits, f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.output.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits of the last row of a hidden state, as a vector.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        Ok(self
+            .logits(&hidden.narrow(0, n - 1, 1)?)?
+            .squeeze(0)?
+            .to_vec1()?)
+    }
+
+    fn block_forward(
+        &self,
+        layer: usize,
+        b: &Block,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = x.dim(0)?;
+        let h = b.attn_norm.forward(x)?;
+        let q = b.q.forward(&h)?.reshape((n, c.heads, c.head_dim))?;
+        let k = b.k.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
+        let v = b.v.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
+        let (q, k) = match (&b.q_norm, &b.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        // [heads, n, head_dim]
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let theta = c.rope_theta_of(layer);
+        let q = self.rope.apply(&q, pos, theta)?;
+        let k = self.rope.apply(&k, pos, theta)?;
+        let (k_all, v_all) = cache.append(layer, &k, &v)?;
+        let attn = self.attention(&q, &k_all, &v_all, pos, c.window_of(layer))?;
+        let mut out = b.o.forward(&attn)?;
+        if let Some(norm) = &b.post_attn_norm {
+            out = norm.forward(&out)?;
+        }
+        let x = (x + out)?;
+        let h = b.ffn_norm.forward(&x)?;
+        let gate = b.gate.forward(&h)?;
+        let gate = match c.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let mut ff = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+        if let Some(norm) = &b.post_ffn_norm {
+            ff = norm.forward(&ff)?;
+        }
+        Ok((x + ff)?)
+    }
+
+    /// Causal (optionally sliding-window) attention of `q [heads, n, d]` at positions
+    /// `pos..pos+n` over `k, v [kv_heads, pos+n, d]`; returns `[n, heads*d]`.
+    /// Query heads are grouped per kv head by a reshape, so keys are never repeated.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (_, n, d) = q.dims3()?;
+        let total = pos + n;
+        // Keys older than the window of the first query are never needed.
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let (k, v) = if first > 0 {
+            (
+                k.narrow(1, first, total - first)?,
+                v.narrow(1, first, total - first)?,
+            )
+        } else {
+            (k.clone(), v.clone())
+        };
+        let keys = total - first;
+        let group = c.heads / c.kv_heads;
+        let q = q.reshape((c.kv_heads, group * n, d))?;
+        let scores = (q.matmul(&k.t()?)? * c.attn_scale as f64)?;
+        // A single query sees every key left after the window cut: no mask needed.
+        let scores = if n > 1 {
+            let mask = self.mask(n, pos, first, keys, window)?;
+            scores
+                .reshape((c.kv_heads, group, n, keys))?
+                .broadcast_add(&mask)?
+                .reshape((c.kv_heads, group * n, keys))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, group*n, d]
+        Ok(out
+            .reshape((c.heads, n, d))?
+            .transpose(0, 1)?
+            .reshape((n, c.heads * d))?)
+    }
+
+    /// `[n, keys]` additive mask: query `i` (position `pos+i`) sees key `j` (position `first+j`)
+    /// when `first+j <= pos+i` and, with a window `w`, `pos+i - (first+j) < w`.
+    fn mask(
+        &self,
+        n: usize,
+        pos: usize,
+        first: usize,
+        keys: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let mut m = vec![0f32; n * keys];
+        for i in 0..n {
+            let qp = pos + i;
+            for j in 0..keys {
+                let kp = first + j;
+                let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
+                if !visible {
+                    m[i * keys + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (n, keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
