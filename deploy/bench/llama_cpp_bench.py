@@ -16,7 +16,7 @@ Measures
     One warm-up run, then one timed run; the model state is reset before each.
   * decode: after a short prompt, greedy (argmax) generation of --decode-tokens tokens, one
     llm.eval([token]) per step (EOS does not stop it). One short warm-up, then one timed run.
-    The timing includes llama-cpp-python's per-step logits copy and the argmax.
+    The timing includes the Python eval overhead and the argmax over the vocabulary.
 
 Prints exactly one JSON line on stdout:
   {"engine":"llama.cpp","model":...,"threads":N,"prompt_tokens":...,"prompt_tokens_per_s":...,
@@ -28,6 +28,7 @@ import json
 import os
 import time
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -50,12 +51,19 @@ def make_prompt(llm, n):
         text += PARAGRAPH
 
 
+def last_logits(llm):
+    # llama-cpp-python >= 0.3.x no longer copies logits into llm.scores unless logits_all=True,
+    # so read the last row straight from the llama.cpp context (no copy).
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def greedy_decode(llm, prompt_ids, n):
     llm.reset()
     llm.eval(prompt_ids)
     t0 = time.perf_counter()
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
         llm.eval([tok])
     return time.perf_counter() - t0
 

@@ -123,7 +123,7 @@ impl GgufFile {
     fn linear(&mut self, prefix: &str, opts: &LoadOptions) -> Result<Linear> {
         let q = self.qtensor(&format!("{prefix}.weight"), &opts.device)?;
         let bias = self.opt_dense(&format!("{prefix}.bias"), opts)?;
-        Linear::quantized(Arc::new(q), bias)
+        linear_from(Arc::new(q), bias, opts)
     }
 
     fn norm(&mut self, name: &str, eps: f64, opts: &LoadOptions) -> Result<Norm> {
@@ -212,6 +212,14 @@ impl GgufFile {
     }
 }
 
+fn linear_from(q: Arc<QTensor>, bias: Option<Tensor>, opts: &LoadOptions) -> Result<Linear> {
+    if opts.dequantize {
+        Ok(Linear::dense(q.dequantize(&opts.device)?, bias))
+    } else {
+        Linear::quantized(q, bias)
+    }
+}
+
 impl Model {
     /// Loads a GGUF model (llama, qwen2 or gemma3 architecture).
     pub fn from_gguf(gguf: &mut GgufFile, opts: &LoadOptions) -> Result<Self> {
@@ -250,7 +258,7 @@ impl Model {
         let output = if gguf.has_tensor("output.weight") {
             gguf.linear("output", opts)?
         } else {
-            Linear::quantized(embd.clone(), None)?
+            linear_from(embd.clone(), None, opts)?
         };
         let embedding = Embedding::new(
             Table::Quantized(embd),

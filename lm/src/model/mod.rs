@@ -36,6 +36,9 @@ pub struct LoadOptions {
     /// tables and caches stay small. A sequence longer than this is a typed error.
     pub max_context: Option<usize>,
     pub device: Device,
+    /// Dequantize GGUF weights to f32 at load: slower and larger, but free of the rounding
+    /// of quantized activations — a float reference for the same file.
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +46,7 @@ impl Default for LoadOptions {
         Self {
             max_context: None,
             device: Device::Cpu,
+            dequantize: false,
         }
     }
 }
