@@ -129,14 +129,16 @@ def fetch(alias, cache):
     snap = os.path.join(base, "snapshots", REVISION)
     os.makedirs(snap, exist_ok=True)
     link = os.path.join(snap, filename)
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(os.path.relpath(blob, snap), link)
+    # Atomic even when two processes fetch the same model at once.
+    tmp_link = f"{link}.{os.getpid()}.tmp"
+    os.symlink(os.path.relpath(blob, snap), tmp_link)
+    os.replace(tmp_link, link)
     refs = os.path.join(base, "refs")
     os.makedirs(refs, exist_ok=True)
-    with open(os.path.join(refs, "main.tmp"), "w") as f:
+    tmp_ref = os.path.join(refs, f"main.{os.getpid()}.tmp")
+    with open(tmp_ref, "w") as f:
         f.write(REVISION)
-    os.replace(os.path.join(refs, "main.tmp"), os.path.join(refs, "main"))
+    os.replace(tmp_ref, os.path.join(refs, "main"))
     log(f"{alias}: verified sha256 {sha[:12]}…, placed at {link}")
     return link
 

@@ -16,6 +16,8 @@ pub mod threads;
 pub mod tokenizer;
 
 pub use cache::KvCache;
+/// The tensor library, re-exported so callers use the same version.
+pub use candle_core as candle;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{LmError, Result};
 pub use loaded::LoadedModel;

@@ -39,6 +39,7 @@ impl LoadedModel {
             (model, tokenizer, template)
         } else {
             let mut gguf = GgufFile::open(path)?;
+            gguf.architecture()?; // an unsupported model fails here, before anything else
             let tokenizer = Tokenizer::from_gguf(&gguf)?;
             let template = gguf.str("tokenizer.chat_template").ok().map(str::to_string);
             let model = Model::from_gguf(&mut gguf, opts)?;

@@ -262,6 +262,11 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// The tokenizer as a HF `tokenizer.json` document (e.g. to save a GGUF model in HF layout).
+    pub fn to_json(&self) -> Result<String> {
+        self.special.to_string(false).map_err(tok_err)
+    }
+
     /// Whether `id` is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
         self.special
