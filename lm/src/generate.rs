@@ -6,6 +6,7 @@ use crate::loaded::LoadedModel;
 use crate::model::Input;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stream::TextStream;
+use candle_core::Tensor;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -57,18 +58,32 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
+/// What [`decode`] produced, and where it left the sequence.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    /// Logits after the last fed token (the input logits when nothing was fed).
+    pub logits: Vec<f32>,
+    /// Final hidden state `[1, hidden]` after the last fed token, if any was fed.
+    pub hidden: Option<Tensor>,
+}
+
 /// Decodes from the cache's current state, whose last logits are `logits`, calling `on_text`
-/// with each releasable piece of text. The end-of-text token itself is not fed to the model.
+/// with each releasable piece of text. Every returned token has been fed to the model (so the
+/// cache holds the committed text); the end-of-text token itself is not fed.
 pub fn decode(
     lm: &LoadedModel,
     cache: &mut KvCache,
     mut logits: Vec<f32>,
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
-) -> Result<(Vec<u32>, String, StopReason)> {
+) -> Result<Decoded> {
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     let mut stream = TextStream::new(&lm.tokenizer, &opts.stop_strings);
     let mut tokens = Vec::new();
+    let mut hidden = None;
     let stop = loop {
         if tokens.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
@@ -77,7 +92,13 @@ pub fn decode(
         if opts.stop_on_eos && lm.tokenizer.end_of_turn().contains(&id) {
             break StopReason::EndOfText;
         }
+        if cache.len() >= cache.max_len() {
+            break StopReason::ContextFull;
+        }
         tokens.push(id);
+        let h = lm.model.forward(Input::Tokens(&[id]), cache)?;
+        logits = lm.model.last_logits(&h)?;
+        hidden = Some(h);
         let piece = stream.push(id)?;
         if !piece.is_empty() {
             on_text(&piece);
@@ -85,17 +106,18 @@ pub fn decode(
         if stream.stopped() {
             break StopReason::StopString;
         }
-        if cache.len() >= cache.max_len() {
-            break StopReason::ContextFull;
-        }
-        let h = lm.model.forward(Input::Tokens(&[id]), cache)?;
-        logits = lm.model.last_logits(&h)?;
     };
     let rest = stream.finish();
     if !rest.is_empty() {
         on_text(&rest);
     }
-    Ok((tokens, stream.text().to_string(), stop))
+    Ok(Decoded {
+        tokens,
+        text: stream.text().to_string(),
+        stop,
+        logits,
+        hidden,
+    })
 }
 
 /// Prefills `prompt` into a fresh cache and decodes.
@@ -112,11 +134,11 @@ pub fn generate(
     let logits = lm.model.last_logits(&h)?;
     let prompt_time = t0.elapsed();
     let t1 = Instant::now();
-    let (tokens, text, stop) = decode(lm, &mut cache, logits, opts, on_text)?;
+    let d = decode(lm, &mut cache, logits, opts, on_text)?;
     Ok(Generation {
-        tokens,
-        text,
-        stop,
+        tokens: d.tokens,
+        text: d.text,
+        stop: d.stop,
         prompt_tokens: prompt.len(),
         prompt_time,
         decode_time: t1.elapsed(),

@@ -112,6 +112,11 @@ pub fn softmax_in_place(xs: &mut [f32], temperature: f32) {
 /// The kept distribution for `logits` under `params` (`history`: tokens for the repetition
 /// penalty). Greedy (temperature 0) keeps the argmax alone.
 pub fn distribution(logits: &[f32], params: &SamplingParams, history: &[u32]) -> Distribution {
+    truncate(&full_softmax(logits, params, history), params)
+}
+
+/// The whole softmax after the repetition penalty and temperature (1 when greedy).
+pub fn full_softmax(logits: &[f32], params: &SamplingParams, history: &[u32]) -> Vec<f32> {
     let mut l = logits.to_vec();
     if params.repetition_penalty != 1.0 {
         for &id in history {
@@ -130,17 +135,21 @@ pub fn distribution(logits: &[f32], params: &SamplingParams, history: &[u32]) ->
         1.0
     };
     softmax_in_place(&mut l, t);
-    let full_entropy = entropy(&l);
+    l
+}
+
+/// Applies top-k, top-p and min-p to a full softmax and renormalises what is kept.
+pub fn truncate(full: &[f32], params: &SamplingParams) -> Distribution {
+    let full_entropy = entropy(full);
     if params.temperature == 0.0 {
-        let best = argmax(&l);
         return Distribution {
-            ids: vec![best],
+            ids: vec![argmax(full)],
             probs: vec![1.0],
             full_entropy,
         };
     }
-    let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-    let by_prob = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]);
+    let mut idx: Vec<u32> = (0..full.len() as u32).collect();
+    let by_prob = |a: &u32, b: &u32| full[*b as usize].total_cmp(&full[*a as usize]);
     if params.top_k > 0 && params.top_k < idx.len() {
         idx.select_nth_unstable_by(params.top_k - 1, by_prob);
         idx.truncate(params.top_k);
@@ -150,7 +159,7 @@ pub fn distribution(logits: &[f32], params: &SamplingParams, history: &[u32]) ->
         let mut acc = 0f32;
         let mut keep = idx.len();
         for (i, &id) in idx.iter().enumerate() {
-            acc += l[id as usize];
+            acc += full[id as usize];
             if acc >= params.top_p {
                 keep = i + 1;
                 break;
@@ -159,11 +168,11 @@ pub fn distribution(logits: &[f32], params: &SamplingParams, history: &[u32]) ->
         idx.truncate(keep);
     }
     if params.min_p > 0.0 {
-        let floor = params.min_p * l[idx[0] as usize];
-        idx.retain(|&id| l[id as usize] >= floor);
+        let floor = params.min_p * full[idx[0] as usize];
+        idx.retain(|&id| full[id as usize] >= floor);
     }
-    let sum: f32 = idx.iter().map(|&id| l[id as usize]).sum();
-    let probs = idx.iter().map(|&id| l[id as usize] / sum).collect();
+    let sum: f32 = idx.iter().map(|&id| full[id as usize]).sum();
+    let probs = idx.iter().map(|&id| full[id as usize] / sum).collect();
     Distribution {
         ids: idx,
         probs,

@@ -1,6 +1,7 @@
 //! `muse`: the command line for people (generate, dream, bench) and the muse gRPC server.
 
 mod bench;
+mod cli_dream;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate text token by token, streamed to stdout.
     Generate(GenerateArgs),
+    /// Dream: a burst of latent steps with live telemetry, then commit to text.
+    Dream(cli_dream::DreamArgs),
     /// Measure prompt-eval and decode speed; prints one JSON object with --json.
     Bench(bench::BenchArgs),
 }
@@ -174,6 +177,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
+        Command::Dream(a) => cli_dream::run(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {

@@ -26,6 +26,8 @@ pub struct Embedding {
     dtype: DType,
     device: Device,
     mean_row_rms: f32,
+    /// `‖E[i]‖` in input space, for cosine similarity.
+    row_norms: Tensor,
 }
 
 impl Embedding {
@@ -47,8 +49,15 @@ impl Embedding {
             dtype,
             device: device.clone(),
             mean_row_rms: 0.0,
+            row_norms: Tensor::zeros(0, DType::F32, device)?,
         };
-        e.mean_row_rms = e.compute_mean_row_rms()?;
+        let norms = e.compute_row_norms()?;
+        let rms_sum: f64 = norms
+            .iter()
+            .map(|&n| n as f64 / (hidden as f64).sqrt())
+            .sum();
+        e.mean_row_rms = (rms_sum / vocab as f64) as f32;
+        e.row_norms = Tensor::from_vec(norms, vocab, device)?;
         Ok(e)
     }
 
@@ -92,15 +101,43 @@ impl Embedding {
         Ok(w.matmul(&rows)?)
     }
 
-    fn compute_mean_row_rms(&self) -> Result<f32> {
+    /// `‖E[i]‖` for every row, in chunks: the table is never dequantized whole.
+    fn compute_row_norms(&self) -> Result<Vec<f32>> {
         const CHUNK: usize = 8192;
-        let mut sum = 0f64;
+        let mut norms = Vec::with_capacity(self.vocab);
         for start in (0..self.vocab).step_by(CHUNK) {
             let ids: Vec<u32> = (start as u32..(start + CHUNK).min(self.vocab) as u32).collect();
             let rows = self.rows(&ids)?.to_dtype(DType::F32)?;
-            let rms = rows.sqr()?.mean(1)?.sqrt()?;
-            sum += rms.sum_all()?.to_scalar::<f32>()? as f64;
+            norms.extend(rows.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?);
         }
-        Ok((sum / self.vocab as f64) as f32)
+        Ok(norms)
+    }
+
+    /// The token whose row is nearest to `e` (`[hidden]` or `[1, hidden]`) by cosine, and that
+    /// cosine. Costs a vocabulary-sized product: call it only when asked for.
+    pub fn nearest(&self, e: &Tensor) -> Result<(u32, f32)> {
+        let e = e.flatten_all()?.to_dtype(DType::F32)?;
+        let e_norm = e.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let dots = match &self.table {
+            // Raw rows: `E_in = s·E`, so `E_in·e = s·(E·e)`.
+            Table::Quantized(q) => {
+                let raw = candle_core::Module::forward(&self.similarity(q)?, &e.unsqueeze(0)?)?
+                    .squeeze(0)?;
+                (raw * self.scale.unwrap_or(1.0) as f64)?
+            }
+            Table::Dense(t) => t
+                .to_dtype(DType::F32)?
+                .matmul(&e.unsqueeze(1)?)?
+                .squeeze(1)?,
+        };
+        let cos = (dots / (&self.row_norms * e_norm as f64)?.clamp(1e-12f32, f32::MAX)?)?;
+        let cos: Vec<f32> = cos.to_vec1()?;
+        let id = crate::sampling::argmax(&cos);
+        Ok((id, cos[id as usize]))
+    }
+
+    fn similarity(&self, q: &Arc<QTensor>) -> Result<candle_core::quantized::QMatMul> {
+        // Shares the table's memory; no copy.
+        Ok(candle_core::quantized::QMatMul::from_arc(q.clone())?)
     }
 }
