@@ -26,6 +26,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Dream: a burst of latent steps with live telemetry, then commit to text.
     Dream(cli_dream::DreamArgs),
+    /// Serve the muse over gRPC (muse.v1.Muse, health, reflection).
+    Serve(muse::serve::ServeFlags),
     /// Measure prompt-eval and decode speed; prints one JSON object with --json.
     Bench(bench::BenchArgs),
 }
@@ -167,6 +169,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_serve(flags: muse::serve::ServeFlags) -> Result<()> {
+    let cfg = muse::serve::ServeConfig::load(&flags).context("muse serve configuration")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(muse::serve::serve(cfg))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -179,6 +189,7 @@ fn main() {
         Command::Generate(a) => run_generate(a),
         Command::Dream(a) => cli_dream::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(flags) => run_serve(flags),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -138,6 +138,13 @@ impl<'m> DreamSession<'m> {
         Ok(())
     }
 
+    /// Checkpoint names, sorted.
+    pub fn checkpoint_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.checkpoints.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Rewinds to a named checkpoint (the KV cache is truncated, nothing recomputed).
     pub fn rewind(&mut self, name: &str) -> lm::Result<usize> {
         let cp = self.checkpoints.get(name).cloned().ok_or_else(|| {

@@ -1,1 +1,10 @@
+//! The gRPC contracts of the muse, the majordomo and the orchestrator (tonic + prost).
 
+pub mod muse {
+    pub mod v1 {
+        tonic::include_proto!("muse.v1");
+    }
+}
+
+/// Encoded descriptors of every service, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -76,7 +76,7 @@ impl ModelConfig {
     /// Whether layer `i` attends only within the sliding window, and that window.
     pub fn window_of(&self, layer: usize) -> Option<usize> {
         match self.sliding_window {
-            Some((w, pattern)) if (layer + 1) % pattern != 0 => Some(w),
+            Some((w, pattern)) if !(layer + 1).is_multiple_of(pattern) => Some(w),
             _ => None,
         }
     }
@@ -99,13 +99,13 @@ impl ModelConfig {
         {
             return bad("zero-sized dimension".into());
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} heads not divisible by {} kv heads",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head dim {}", self.head_dim));
         }
         Ok(())

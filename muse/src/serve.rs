@@ -1,0 +1,143 @@
+//! `muse serve`: configuration (file, then `MUSE_*` environment, then flags) and the server.
+
+use crate::service::{Limits, MuseService};
+use lm::{LoadOptions, LoadedModel};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ServeConfig {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    pub listen: String,
+    pub model: String,
+    /// CPU threads for model kernels (default: all cores).
+    pub threads: Option<usize>,
+    pub max_sessions: usize,
+    /// Positions one session may hold.
+    pub max_context: usize,
+    /// KV cache all sessions together may hold, in MiB.
+    pub kv_memory_mb: usize,
+    /// Commands running model work at once.
+    pub compute_slots: usize,
+}
+
+/// Values given on the command line; they win over the file and the environment.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeFlags {
+    /// A TOML configuration file (see deploy/muse.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    #[arg(long)]
+    pub kv_memory_mb: Option<usize>,
+    #[arg(long)]
+    pub compute_slots: Option<usize>,
+}
+
+impl ServeConfig {
+    pub fn load(flags: &ServeFlags) -> Result<Self, config::ConfigError> {
+        let mut b = config::Config::builder()
+            .set_default("listen", "127.0.0.1:50051")?
+            .set_default("model", "smollm2-135m")?
+            .set_default("max_sessions", 16)?
+            .set_default("max_context", 4096)?
+            .set_default("kv_memory_mb", 2048)?
+            .set_default("compute_slots", 1)?;
+        if let Some(path) = &flags.config {
+            b = b.add_source(config::File::from(path.as_path()).required(true));
+        }
+        b = b.add_source(config::Environment::with_prefix("MUSE").try_parsing(true));
+        let n = |v: Option<usize>| v.map(|x| x as u64);
+        let cfg = b
+            .set_override_option("listen", flags.listen.clone())?
+            .set_override_option("model", flags.model.clone())?
+            .set_override_option("threads", n(flags.threads))?
+            .set_override_option("max_sessions", n(flags.max_sessions))?
+            .set_override_option("max_context", n(flags.max_context))?
+            .set_override_option("kv_memory_mb", n(flags.kv_memory_mb))?
+            .set_override_option("compute_slots", n(flags.compute_slots))?
+            .build()?
+            .try_deserialize::<Self>()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), config::ConfigError> {
+        let bad = |m: String| Err(config::ConfigError::Message(m));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "listen = `{}` is not an address like 127.0.0.1:50051",
+                self.listen
+            ));
+        }
+        if self.max_sessions == 0 {
+            return bad("max_sessions must be at least 1".into());
+        }
+        if self.max_context < 16 {
+            return bad(format!(
+                "max_context must be at least 16, got {}",
+                self.max_context
+            ));
+        }
+        if self.compute_slots == 0 {
+            return bad("compute_slots must be at least 1".into());
+        }
+        if self.threads == Some(0) {
+            return bad("threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Loads the model and serves until ctrl-c. Prints `listening on <addr>` on stdout once ready.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    if let Some(n) = cfg.threads {
+        lm::threads::set_cpu_threads(n);
+    }
+    let opts = LoadOptions {
+        max_context: Some(cfg.max_context),
+        ..Default::default()
+    };
+    let model = cfg.model.clone();
+    let lm = tokio::task::spawn_blocking(move || LoadedModel::load(&model, &opts)).await??;
+    let limits = Limits {
+        max_sessions: cfg.max_sessions,
+        kv_memory_bytes: cfg.kv_memory_mb << 20,
+        compute_slots: cfg.compute_slots,
+    };
+    let service = MuseService::new(Arc::new(lm), limits);
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<mm_proto::muse::v1::muse_server::MuseServer<MuseService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mm_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    println!("listening on {addr}");
+    tracing::info!(%addr, model = cfg.model, "muse serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
+        .await?;
+    Ok(())
+}

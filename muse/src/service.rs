@@ -1,0 +1,349 @@
+//! The muse gRPC service (`muse.v1.Muse`): one bidirectional stream per dreaming session.
+//!
+//! Each session runs on its own blocking thread (model work is CPU-bound) and owns its KV
+//! cache; the model is shared. Admission: at most `max_sessions` streams and `kv_memory_bytes`
+//! of KV cache in total; model compute is granted per command through a fair (FIFO) semaphore
+//! so one busy session cannot starve the others.
+
+use crate::convert;
+use crate::session::{DreamSession, PRIMED};
+use lm::{LmError, LoadedModel};
+use mm_proto::muse::v1 as pb;
+use pb::muse_server::Muse;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Limits of one muse process.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions: usize,
+    /// Bytes of KV cache all sessions together may hold.
+    pub kv_memory_bytes: usize,
+    /// Commands that may run model work at once (1 on a small CPU box).
+    pub compute_slots: usize,
+}
+
+/// What a session shows through `SessionStatus`, updated after every command.
+#[derive(Debug, Clone, Default)]
+struct Status_ {
+    position: usize,
+    kv_bytes: usize,
+    checkpoints: Vec<String>,
+}
+
+struct Shared {
+    lm: Arc<LoadedModel>,
+    limits: Limits,
+    sessions: Mutex<HashMap<String, Status_>>,
+    compute: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn kv_in_use_except(&self, id: &str) -> usize {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .filter(|(k, _)| k.as_str() != id)
+            .map(|(_, s)| s.kv_bytes)
+            .sum()
+    }
+}
+
+#[derive(Clone)]
+pub struct MuseService {
+    shared: Arc<Shared>,
+}
+
+impl MuseService {
+    pub fn new(lm: Arc<LoadedModel>, limits: Limits) -> Self {
+        let compute = Arc::new(Semaphore::new(limits.compute_slots.max(1)));
+        let shared = Shared {
+            lm,
+            limits,
+            sessions: Mutex::new(HashMap::new()),
+            compute,
+            next_id: AtomicU64::new(1),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    pub fn into_server(self) -> pb::muse_server::MuseServer<Self> {
+        pb::muse_server::MuseServer::new(self)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ServerEvent, Status>> + Send>>;
+
+/// Maps runtime errors to gRPC codes: bad input → INVALID_ARGUMENT, too long → OUT_OF_RANGE.
+pub fn status_of(e: &LmError) -> Status {
+    match e {
+        LmError::InvalidInput(m) => Status::invalid_argument(m.clone()),
+        LmError::ContextOverflow { .. } => Status::out_of_range(e.to_string()),
+        LmError::Tokenizer(_) | LmError::ChatTemplate(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn event(request_id: u64, e: pb::server_event::Event) -> pb::ServerEvent {
+    pb::ServerEvent {
+        request_id,
+        event: Some(e),
+    }
+}
+
+fn error_event(request_id: u64, s: &Status) -> pb::ServerEvent {
+    event(
+        request_id,
+        pb::server_event::Event::Error(pb::Error {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+        }),
+    )
+}
+
+#[tonic::async_trait]
+impl Muse for MuseService {
+    type SessionStream = EventStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::ClientCommand>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let shared = self.shared.clone();
+        let id = {
+            let mut sessions = shared.sessions.lock().expect("sessions lock");
+            if sessions.len() >= shared.limits.max_sessions {
+                return Err(Status::resource_exhausted(format!(
+                    "the muse is serving {} sessions (max_sessions = {}): retry later, or raise max_sessions",
+                    sessions.len(),
+                    shared.limits.max_sessions
+                )));
+            }
+            let id = format!("s{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
+            sessions.insert(id.clone(), Status_::default());
+            id
+        };
+        let mut inbound = request.into_inner();
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Result<pb::ClientCommand, Status>>(16);
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::ServerEvent, Status>>(64);
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                if cmd_tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let _ = out_tx.blocking_send(Ok(event(
+                0,
+                pb::server_event::Event::Started(pb::SessionStarted {
+                    session_id: id.clone(),
+                }),
+            )));
+            run_session(&shared, &id, cmd_rx, &out_tx, &runtime);
+            // Frees the KV cache (dropped with the session) and the slot.
+            shared.sessions.lock().expect("sessions lock").remove(&id);
+            tracing::debug!(session = id, "session ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let lm = &self.shared.lm;
+        let c = lm.model.config();
+        Ok(Response::new(pb::InfoResponse {
+            model: lm.name.clone(),
+            architecture: c.arch.name().into(),
+            context_length: lm.model.max_context() as u32,
+            hidden_size: c.hidden as u32,
+            vocab_size: c.vocab as u32,
+            quantization: lm.model.quantization().into(),
+            max_steps: crate::dream::MAX_STEPS as u32,
+            max_sessions: self.shared.limits.max_sessions as u32,
+            active_sessions: self.shared.sessions.lock().expect("sessions lock").len() as u32,
+            layers: c.layers as u32,
+        }))
+    }
+
+    async fn session_status(
+        &self,
+        request: Request<pb::SessionStatusRequest>,
+    ) -> Result<Response<pb::SessionStatusResponse>, Status> {
+        let id = request.into_inner().session_id;
+        let sessions = self.shared.sessions.lock().expect("sessions lock");
+        let s = sessions.get(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown session `{id}`: it was closed or never existed"
+            ))
+        })?;
+        Ok(Response::new(pb::SessionStatusResponse {
+            position: s.position as u32,
+            kv_bytes: s.kv_bytes as u64,
+            checkpoints: s.checkpoints.clone(),
+        }))
+    }
+}
+
+/// Runs commands until Close, the client's stream ends, or the client stops listening.
+fn run_session(
+    shared: &Shared,
+    id: &str,
+    mut commands: mpsc::Receiver<Result<pb::ClientCommand, Status>>,
+    out: &mpsc::Sender<Result<pb::ServerEvent, Status>>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let lm: &LoadedModel = &shared.lm;
+    let mut session = DreamSession::new(lm);
+    while let Some(msg) = commands.blocking_recv() {
+        let cmd = match msg {
+            Ok(c) => c,
+            Err(_) => return, // the client's stream broke
+        };
+        let rid = cmd.request_id;
+        let Some(command) = cmd.command else {
+            let s = Status::invalid_argument(
+                "command is empty: set one of prime, burst, commit, checkpoint, rewind, close",
+            );
+            if out.blocking_send(Ok(error_event(rid, &s))).is_err() {
+                return;
+            }
+            continue;
+        };
+        if let pb::client_command::Command::Close(_) = command {
+            let _ = out.blocking_send(Ok(event(
+                rid,
+                pb::server_event::Event::Closed(pb::Closed {}),
+            )));
+            return;
+        }
+        let result = {
+            // Fair FIFO access to the model; released when the command is done.
+            let _permit = runtime
+                .block_on(shared.compute.acquire())
+                .expect("semaphore open");
+            execute(shared, id, &mut session, rid, command, out)
+        };
+        // Status first, so a client that saw the final event sees the new state.
+        {
+            let mut sessions = shared.sessions.lock().expect("sessions lock");
+            if let Some(st) = sessions.get_mut(id) {
+                st.position = session.len();
+                st.kv_bytes = session.cache().memory_bytes();
+                st.checkpoints = session.checkpoint_names();
+            }
+        }
+        let last = match result {
+            Ok(e) => event(rid, e),
+            Err(s) => error_event(rid, &s),
+        };
+        if out.blocking_send(Ok(last)).is_err() {
+            return; // the client went away
+        }
+    }
+}
+
+/// Runs one command, streaming its intermediate events; returns the final one.
+fn execute(
+    shared: &Shared,
+    id: &str,
+    session: &mut DreamSession,
+    rid: u64,
+    command: pb::client_command::Command,
+    out: &mpsc::Sender<Result<pb::ServerEvent, Status>>,
+) -> Result<pb::server_event::Event, Status> {
+    use pb::client_command::Command as C;
+    use pb::server_event::Event as E;
+    let send = |e: E| out.blocking_send(Ok(event(rid, e))).is_ok();
+    let check_memory = |session: &DreamSession, more: usize| -> Result<(), Status> {
+        let needed = session.cache().bytes_for(session.len() + more);
+        let others = shared.kv_in_use_except(id);
+        if others + needed > shared.limits.kv_memory_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "KV memory bound reached ({} of {} bytes in use): close idle sessions or raise kv_memory_bytes",
+                others + session.cache().memory_bytes(),
+                shared.limits.kv_memory_bytes
+            )));
+        }
+        Ok(())
+    };
+    match command {
+        C::Prime(p) => {
+            let prime = convert::prime(&p)?;
+            let estimate = convert::prime_len_hint(&prime);
+            check_memory(&DreamSession::new(session.model()), estimate)?;
+            let n = session.prime(&prime).map_err(|e| status_of(&e))?;
+            Ok(E::Primed(pb::Primed {
+                prompt_tokens: n as u32,
+                position: session.len() as u32,
+            }))
+        }
+        C::Burst(b) => {
+            let params = convert::dream_params(&b)?;
+            check_memory(session, params.steps)?;
+            let summary = session
+                .burst(&params, |step| {
+                    send(E::LatentStep(convert::latent_step(step)))
+                })
+                .map_err(|e| status_of(&e))?;
+            Ok(E::BurstDone(pb::BurstDone {
+                steps: summary.steps as u32,
+                stop_reason: summary.stop.as_str().into(),
+                millis: summary.millis,
+                mean_entropy: summary.mean_entropy,
+                position: session.len() as u32,
+            }))
+        }
+        C::Commit(c) => {
+            let (opts, mode) = convert::commit(&c, session.model())?;
+            check_memory(session, opts.max_tokens)?;
+            let summary = session
+                .commit(&opts, mode, |text| {
+                    send(E::Token(pb::Token {
+                        text: text.to_string(),
+                    }));
+                })
+                .map_err(|e| status_of(&e))?;
+            Ok(E::CommitDone(pb::CommitDone {
+                tokens: summary.tokens,
+                text: summary.text,
+                stop_reason: summary.stop,
+                millis: summary.millis,
+                tokens_per_s: summary.tokens_per_s,
+                position: session.len() as u32,
+            }))
+        }
+        C::Checkpoint(c) => {
+            session.checkpoint(&c.name).map_err(|e| status_of(&e))?;
+            Ok(E::CheckpointSet(pb::CheckpointSet {
+                name: c.name,
+                position: session.len() as u32,
+            }))
+        }
+        C::Rewind(r) => {
+            let name = if r.checkpoint.is_empty() {
+                PRIMED.to_string()
+            } else {
+                r.checkpoint
+            };
+            let pos = session.rewind(&name).map_err(|e| status_of(&e))?;
+            Ok(E::Rewound(pb::Rewound {
+                checkpoint: name,
+                position: pos as u32,
+            }))
+        }
+        C::Close(_) => unreachable!("handled by the session loop"),
+    }
+}

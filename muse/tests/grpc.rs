@@ -1,0 +1,382 @@
+//! The muse over a real socket: `muse serve` as a separate process, driven by the generated
+//! client. Prime, dream, commit, rewind, commit again; malformed commands get a code and a
+//! message naming the field; limits answer RESOURCE_EXHAUSTED; closing frees the session.
+
+use mm_proto::muse::v1 as pb;
+use pb::client_command::Command as C;
+use pb::muse_client::MuseClient;
+use pb::server_event::Event as E;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muse"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "smollm2-135m",
+            "--threads",
+            "2",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start muse serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server {
+        child,
+        addr: format!("http://{addr}"),
+    }
+}
+
+struct Session {
+    tx: mpsc::Sender<pb::ClientCommand>,
+    rx: tonic::Streaming<pb::ServerEvent>,
+    next: u64,
+    id: String,
+}
+
+impl Session {
+    async fn open(client: &mut MuseClient<Channel>) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut stream = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let Some(E::Started(s)) = stream.message().await?.and_then(|e| e.event) else {
+            panic!("no SessionStarted")
+        };
+        Ok(Self {
+            tx,
+            rx: stream,
+            next: 1,
+            id: s.session_id,
+        })
+    }
+
+    /// Sends a command and collects its events up to the one that ends it.
+    async fn run(&mut self, c: C) -> Vec<E> {
+        let rid = self.next;
+        self.next += 1;
+        self.tx
+            .send(pb::ClientCommand {
+                request_id: rid,
+                command: Some(c),
+            })
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while let Some(ev) = self.rx.message().await.unwrap() {
+            assert_eq!(ev.request_id, rid);
+            let e = ev.event.unwrap();
+            let last = matches!(
+                e,
+                E::Primed(_)
+                    | E::BurstDone(_)
+                    | E::CommitDone(_)
+                    | E::CheckpointSet(_)
+                    | E::Rewound(_)
+                    | E::Error(_)
+                    | E::Closed(_)
+            );
+            events.push(e);
+            if last {
+                break;
+            }
+        }
+        events
+    }
+
+    async fn error(&mut self, c: C) -> pb::Error {
+        match self.run(c).await.pop() {
+            Some(E::Error(e)) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
+
+fn chat(msg: &str) -> C {
+    C::Prime(pb::Prime {
+        prompt: Some(pb::prime::Prompt::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: msg.into(),
+            }],
+        })),
+    })
+}
+
+fn burst(steps: u32) -> pb::DreamBurst {
+    pb::DreamBurst {
+        steps,
+        seed: 3,
+        gumbel_tau: Some(0.8),
+        ..Default::default()
+    }
+}
+
+fn commit(n: u32) -> C {
+    C::Commit(pb::Commit {
+        max_tokens: n,
+        ignore_eos: true,
+        sampling: Some(pb::Sampling {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dream_commit_rewind_commit_over_a_socket() {
+    let server = start(&["--max-sessions", "2", "--max-context", "256"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            info.architecture.as_str(),
+            info.hidden_size,
+            info.vocab_size,
+            info.quantization.as_str()
+        ),
+        ("llama", 576, 49152, "Q4_1")
+    );
+    assert_eq!(info.context_length, 256);
+
+    let mut s = Session::open(&mut client).await.unwrap();
+    let primed = match s.run(chat("Write one line about the moon.")).await.pop() {
+        Some(E::Primed(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(primed.prompt_tokens > 10);
+    let events = s.run(C::Burst(burst(8))).await;
+    let steps: Vec<&pb::LatentStep> = events
+        .iter()
+        .filter_map(|e| {
+            if let E::LatentStep(l) = e {
+                Some(l)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(steps.len(), 8);
+    assert!(steps
+        .iter()
+        .all(|l| !l.top.is_empty() && l.entropy >= 0.0 && l.norm > 0.0));
+    let Some(E::BurstDone(done)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (done.steps, done.stop_reason.as_str(), done.position),
+        (8, "budget", primed.position + 8)
+    );
+    s.run(C::Checkpoint(pb::Checkpoint {
+        name: "dreamt".into(),
+    }))
+    .await;
+
+    let first = s.run(commit(32)).await;
+    let streamed: String = first
+        .iter()
+        .filter_map(|e| {
+            if let E::Token(t) = e {
+                Some(t.text.as_str())
+            } else {
+                None
+            }
+        })
+        .collect();
+    let Some(E::CommitDone(c1)) = first.last() else {
+        panic!("{first:?}")
+    };
+    assert_eq!(c1.tokens.len(), 32);
+    assert_eq!(
+        streamed, c1.text,
+        "streamed pieces must add up to the committed text"
+    );
+    assert_eq!(c1.position, primed.position + 8 + 32);
+
+    let Some(E::Rewound(r)) = s
+        .run(C::Rewind(pb::Rewind {
+            checkpoint: "dreamt".into(),
+        }))
+        .await
+        .pop()
+    else {
+        panic!()
+    };
+    assert_eq!(r.position, primed.position + 8);
+    let Some(E::CommitDone(c2)) = s.run(commit(32)).await.pop() else {
+        panic!()
+    };
+    assert_eq!(
+        c2.tokens, c1.tokens,
+        "greedy commit after a rewind must repeat itself"
+    );
+
+    let status = client
+        .session_status(pb::SessionStatusRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.position, c2.position);
+    assert!(status.kv_bytes > 0 && status.checkpoints.contains(&"dreamt".to_string()));
+
+    // Malformed commands: a code and the field's name; the session survives them.
+    let cases: Vec<(C, tonic::Code, &str)> = vec![
+        (
+            C::Burst(pb::DreamBurst {
+                temperature: Some(f32::NAN),
+                ..burst(4)
+            }),
+            tonic::Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            C::Burst(pb::DreamBurst {
+                top_k: Some(0),
+                ..burst(4)
+            }),
+            tonic::Code::InvalidArgument,
+            "top_k",
+        ),
+        (
+            C::Burst(burst(100_000)),
+            tonic::Code::InvalidArgument,
+            "steps",
+        ),
+        (C::Burst(burst(0)), tonic::Code::InvalidArgument, "steps"),
+        (commit(0), tonic::Code::InvalidArgument, "max_tokens"),
+        (
+            C::Rewind(pb::Rewind {
+                checkpoint: "nowhere".into(),
+            }),
+            tonic::Code::InvalidArgument,
+            "nowhere",
+        ),
+        (
+            C::Prime(pb::Prime { prompt: None }),
+            tonic::Code::InvalidArgument,
+            "prime",
+        ),
+        (
+            C::Prime(pb::Prime {
+                prompt: Some(pb::prime::Prompt::Raw("word ".repeat(400))),
+            }),
+            tonic::Code::OutOfRange,
+            "context",
+        ),
+    ];
+    for (cmd, code, needle) in cases {
+        let e = s.error(cmd).await;
+        assert_eq!(tonic::Code::from(e.code), code, "{}", e.message);
+        assert!(e.message.contains(needle), "{needle}: {}", e.message);
+    }
+    let Some(E::CommitDone(c3)) = s.run(commit(4)).await.pop() else {
+        panic!("session did not survive bad commands")
+    };
+    assert_eq!(c3.tokens.len(), 4);
+
+    // Unknown session.
+    let e = client
+        .session_status(pb::SessionStatusRequest {
+            session_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nope"));
+
+    // Session limit: two open, the third is refused.
+    let _second = Session::open(&mut client).await.unwrap();
+    let third = Session::open(&mut client)
+        .await
+        .err()
+        .expect("third session admitted");
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        third.message().contains("max_sessions"),
+        "{}",
+        third.message()
+    );
+
+    // Close frees the session.
+    let id = s.id.clone();
+    assert!(matches!(
+        s.run(C::Close(pb::Close {})).await.pop(),
+        Some(E::Closed(_))
+    ));
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let gone = client
+        .session_status(pb::SessionStatusRequest { session_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.active_sessions, 1);
+
+    // Standard tooling: health reports SERVING.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(server.addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "muse.v1.Muse".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_session() {
+    let server = start(&["--max-sessions", "1"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let mut s = Session::open(&mut client).await.unwrap();
+    s.run(chat("Hello")).await;
+    drop(s); // the stream ends without Close
+    let mut reopened = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Ok(s) = Session::open(&mut client).await {
+            reopened = Some(s);
+            break;
+        }
+    }
+    assert!(reopened.is_some(), "the only session slot was never freed");
+}

@@ -1,0 +1,17 @@
+//! Compiles the service contracts with a vendored `protoc`, so a fresh machine needs no
+//! protobuf install.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["proto/muse/v1/muse.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}
