@@ -5,7 +5,104 @@ use anyhow::Result;
 use clap::Args;
 use lm::model::Input;
 use lm::sampling::argmax;
+use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
+use muse::session::{DreamSession, Prime};
+use std::sync::Arc;
 use std::time::Instant;
+
+/// The burst every latent measurement runs: basic telemetry (what a client streams), no
+/// nearest-token product.
+fn bench_burst(mode: LatentMode, steps: usize) -> DreamParams {
+    DreamParams {
+        mode,
+        steps,
+        telemetry: TelemetryLevel::Basic,
+        ..DreamParams::default()
+    }
+}
+
+/// The part of the benchmark prompt that primes latent measurements.
+fn latent_prompt(ids: &[u32]) -> Vec<u32> {
+    ids[..ids.len().min(32)].to_vec()
+}
+
+/// Latent steps/s per mode, in process: best of `repeats` bursts of `steps` from a primed state.
+fn latent_rates(
+    lm: &lm::LoadedModel,
+    ids: &[u32],
+    steps: usize,
+    repeats: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    let mut out = Vec::new();
+    for mode in [LatentMode::Concept, LatentMode::Hidden, LatentMode::Blend] {
+        let mut best = f64::MAX;
+        for _ in 0..repeats {
+            let mut s = DreamSession::new(lm);
+            s.prime(&Prime::Tokens(latent_prompt(ids)))?;
+            let t = Instant::now();
+            let b = s.burst(&bench_burst(mode, steps), |_| true)?;
+            anyhow::ensure!(
+                b.steps == steps,
+                "{} burst stopped early ({})",
+                mode.as_str(),
+                b.stop.as_str()
+            );
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        out.push((mode.as_str(), steps as f64 / best));
+    }
+    Ok(out)
+}
+
+/// Concept latent steps/s through the gRPC service on a loopback socket, telemetry streamed.
+fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize) -> Result<f64> {
+    use mm_proto::muse::v1 as pb;
+    use pb::client_command::Command as C;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let limits = muse::service::Limits {
+            max_sessions: 4,
+            kv_memory_bytes: 1 << 30,
+            compute_slots: 1,
+        };
+        let service = muse::service::MuseService::new(lm, limits).into_server();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = pb::muse_client::MuseClient::connect(format!("http://{addr}")).await?;
+        let mut best = f64::MAX;
+        for _ in 0..repeats {
+            let mut s = muse::client::SessionClient::open(&mut client).await?;
+            let prime = pb::Prime {
+                prompt: Some(pb::prime::Prompt::Tokens(pb::TokenIds {
+                    ids: latent_prompt(ids),
+                })),
+            };
+            s.run(C::Prime(prime)).await?;
+            let burst = pb::DreamBurst {
+                steps: steps as u32,
+                telemetry: pb::TelemetryLevel::Basic as i32,
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let events = s.run(C::Burst(burst)).await?;
+            best = best.min(t.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                events.len() == steps + 1,
+                "gRPC burst returned {} events",
+                events.len()
+            );
+        }
+        Ok(steps as f64 / best)
+    })
+}
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -40,7 +137,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_tokens >= 1, "--prompt-tokens must be at least 1");
     anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
     let t0 = Instant::now();
-    let lm = a.model.load()?;
+    let lm = Arc::new(a.model.load()?);
     let load_s = t0.elapsed().as_secs_f64();
     lm.check_fits(a.prompt_tokens + a.decode_tokens)?;
     let ids = prompt_ids(&lm, a.prompt_tokens)?;
@@ -65,7 +162,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         best_decode = best_decode.min(t.elapsed().as_secs_f64());
     }
-    let report = serde_json::json!({
+    let latent = latent_rates(&lm, &ids, a.decode_tokens, a.repeats)?;
+    let grpc = grpc_rate(lm.clone(), &ids, a.decode_tokens, a.repeats)?;
+    let mut report = serde_json::json!({
         "engine": "muse-lm",
         "model": lm.name,
         "architecture": model.config().arch.name(),
@@ -79,6 +178,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
     });
+    for (mode, rate) in &latent {
+        report[format!("latent_steps_per_s_{mode}")] = (*rate).into();
+    }
+    report["latent_steps_per_s"] = serde_json::json!(latent
+        .iter()
+        .cloned()
+        .collect::<std::collections::BTreeMap<_, _>>(
+    ));
+    report["grpc_latent_steps_per_s_concept"] = grpc.into();
+    report["grpc_vs_in_process"] = (grpc / latent[0].1).into();
+    report["peak_rss_bytes"] = peak_rss_bytes().into();
     if a.json {
         println!("{report}");
     } else {

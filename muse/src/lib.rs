@@ -1,5 +1,6 @@
 //! The muse: a language model that dreams in latent steps (DESIGN.md §4).
 
+pub mod client;
 pub mod convert;
 pub mod dream;
 pub mod serve;

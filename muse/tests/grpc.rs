@@ -3,13 +3,12 @@
 //! message naming the field; limits answer RESOURCE_EXHAUSTED; closing frees the session.
 
 use mm_proto::muse::v1 as pb;
+use muse::client::SessionClient;
 use pb::client_command::Command as C;
 use pb::muse_client::MuseClient;
 use pb::server_event::Event as E;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 struct Server {
@@ -55,59 +54,19 @@ fn start(extra: &[&str]) -> Server {
     }
 }
 
-struct Session {
-    tx: mpsc::Sender<pb::ClientCommand>,
-    rx: tonic::Streaming<pb::ServerEvent>,
-    next: u64,
-    id: String,
-}
+struct Session(SessionClient);
 
 impl Session {
     async fn open(client: &mut MuseClient<Channel>) -> Result<Self, tonic::Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let mut stream = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        let Some(E::Started(s)) = stream.message().await?.and_then(|e| e.event) else {
-            panic!("no SessionStarted")
-        };
-        Ok(Self {
-            tx,
-            rx: stream,
-            next: 1,
-            id: s.session_id,
-        })
+        SessionClient::open(client).await.map(Self)
     }
 
-    /// Sends a command and collects its events up to the one that ends it.
+    fn id(&self) -> String {
+        self.0.id.clone()
+    }
+
     async fn run(&mut self, c: C) -> Vec<E> {
-        let rid = self.next;
-        self.next += 1;
-        self.tx
-            .send(pb::ClientCommand {
-                request_id: rid,
-                command: Some(c),
-            })
-            .await
-            .unwrap();
-        let mut events = Vec::new();
-        while let Some(ev) = self.rx.message().await.unwrap() {
-            assert_eq!(ev.request_id, rid);
-            let e = ev.event.unwrap();
-            let last = matches!(
-                e,
-                E::Primed(_)
-                    | E::BurstDone(_)
-                    | E::CommitDone(_)
-                    | E::CheckpointSet(_)
-                    | E::Rewound(_)
-                    | E::Error(_)
-                    | E::Closed(_)
-            );
-            events.push(e);
-            if last {
-                break;
-            }
-        }
-        events
+        self.0.run(c).await.unwrap()
     }
 
     async fn error(&mut self, c: C) -> pb::Error {
@@ -239,9 +198,7 @@ async fn dream_commit_rewind_commit_over_a_socket() {
     );
 
     let status = client
-        .session_status(pb::SessionStatusRequest {
-            session_id: s.id.clone(),
-        })
+        .session_status(pb::SessionStatusRequest { session_id: s.id() })
         .await
         .unwrap()
         .into_inner();
@@ -327,7 +284,7 @@ async fn dream_commit_rewind_commit_over_a_socket() {
     );
 
     // Close frees the session.
-    let id = s.id.clone();
+    let id = s.id();
     assert!(matches!(
         s.run(C::Close(pb::Close {})).await.pop(),
         Some(E::Closed(_))
