@@ -50,6 +50,51 @@ pub struct Tokenizer {
     add_bos: bool,
     end_of_turn: Vec<u32>,
     vocab_size: usize,
+    pieces: PieceEncoding,
+}
+
+/// How vocabulary pieces spell bytes, read off the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceEncoding {
+    /// GPT-2 byte-level: each byte is a printable stand-in character.
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xNN>` is one raw byte.
+    SentencePiece,
+    /// Anything else: decode the token on its own.
+    Decoded,
+}
+
+fn piece_encoding(tk: &tokenizers::Tokenizer) -> PieceEncoding {
+    match tk.get_decoder() {
+        Some(DecoderWrapper::ByteLevel(_)) => PieceEncoding::ByteLevel,
+        Some(DecoderWrapper::Sequence(seq))
+            if seq
+                .get_decoders()
+                .iter()
+                .any(|d| matches!(d, DecoderWrapper::ByteFallback(_))) =>
+        {
+            PieceEncoding::SentencePiece
+        }
+        _ => PieceEncoding::Decoded,
+    }
+}
+
+/// GPT-2's byte ↔ printable-character table, inverted: character → byte.
+fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u8> = (b'!'..=b'~')
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<char> = printable.iter().map(|&b| b as char).collect();
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(char::from_u32(256 + n).expect("valid char"));
+            n += 1;
+        }
+    }
+    chars.into_iter().zip(printable).collect()
 }
 
 fn tok_err(e: impl std::fmt::Display) -> LmError {
@@ -199,6 +244,7 @@ impl Tokenizer {
         end_of_turn.extend(eos);
         end_of_turn.sort_unstable();
         end_of_turn.dedup();
+        let pieces = piece_encoding(&special);
         Ok(Self {
             special,
             plain,
@@ -207,6 +253,7 @@ impl Tokenizer {
             add_bos,
             end_of_turn,
             vocab_size,
+            pieces,
         })
     }
 
@@ -265,6 +312,39 @@ impl Tokenizer {
     /// The tokenizer as a HF `tokenizer.json` document (e.g. to save a GGUF model in HF layout).
     pub fn to_json(&self) -> Result<String> {
         self.special.to_string(false).map_err(tok_err)
+    }
+
+    /// The bytes every token stands for, indexed by id (special tokens: their text). What a
+    /// byte-level constraint engine (a token trie) needs; partial UTF-8 stays partial.
+    pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
+        let inverse = byte_level_inverse();
+        (0..self.vocab_size as u32)
+            .map(|id| {
+                let piece = self.special.id_to_token(id).unwrap_or_default();
+                if self.is_special(id) {
+                    return piece.into_bytes();
+                }
+                match self.pieces {
+                    PieceEncoding::ByteLevel => piece
+                        .chars()
+                        .filter_map(|c| inverse.get(&c).copied())
+                        .collect(),
+                    PieceEncoding::SentencePiece => {
+                        match piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                            Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
+                                .map(|b| vec![b])
+                                .unwrap_or_default(),
+                            _ => piece.replace('▁', " ").into_bytes(),
+                        }
+                    }
+                    PieceEncoding::Decoded => self
+                        .special
+                        .decode(&[id], false)
+                        .unwrap_or_default()
+                        .into_bytes(),
+                }
+            })
+            .collect()
     }
 
     /// Whether `id` is a special (control) token.

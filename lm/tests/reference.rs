@@ -144,3 +144,29 @@ fn gemma_golden_continuations_match_llama_cpp() {
     let worst = check_golden("gemma3-270m");
     assert!(worst < 3.0, "max abs logit difference {worst}");
 }
+
+#[test]
+fn token_bytes_spell_what_decoding_gives() {
+    for alias in ["smollm2-135m", "gemma3-270m"] {
+        let lm = by_alias(alias);
+        let bytes = lm.tokenizer.all_token_bytes();
+        assert_eq!(bytes.len(), lm.tokenizer.vocab_size());
+        let ids = lm
+            .tokenizer
+            .encode("Hello, wörld! 東京 🦀\n  x", false)
+            .unwrap();
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .filter(|&i| Some(i) != lm.tokenizer.bos())
+            .collect();
+        let joined: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| bytes[i as usize].clone())
+            .collect();
+        assert_eq!(
+            String::from_utf8(joined).unwrap(),
+            "Hello, wörld! 東京 🦀\n  x",
+            "{alias}"
+        );
+    }
+}

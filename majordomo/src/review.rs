@@ -1,0 +1,320 @@
+//! The majordomo's two jobs on a draft: a critique (model verdict, constrained to the schema,
+//! merged with the deterministic checks) and a structure (title, points, summary).
+
+use crate::checks::{self, DraftStats, LengthLimits};
+use crate::constrained::{self, Constrainer, DecodeStats};
+use crate::critique::{self, Critique, IssueKind, NoiseAdvice, Structure, Verdict};
+use crate::error::{MajordomoError, Result};
+use lm::model::Input;
+use lm::{ChatMessage, LoadedModel};
+use std::sync::Arc;
+
+/// What the muse reported about the dream that made a draft, as the orchestrator summarises it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TelemetrySummary {
+    pub bursts: u32,
+    pub latent_steps: u32,
+    pub mean_entropy: f32,
+    /// Stop reasons of the bursts, e.g. "budget", "cold_stop", "norm_blowup".
+    pub stop_reasons: Vec<String>,
+}
+
+impl TelemetrySummary {
+    fn describe(&self) -> String {
+        if self.bursts == 0 {
+            return "none".into();
+        }
+        format!(
+            "{} bursts, {} latent steps, mean entropy {:.2} nats, stops: {}",
+            self.bursts,
+            self.latent_steps,
+            self.mean_entropy,
+            self.stop_reasons.join(", ")
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CritiqueRequest {
+    /// What the user asked for.
+    pub request: String,
+    /// The latest turns of the conversation, oldest first.
+    pub conversation: Vec<ChatMessage>,
+    pub draft: String,
+    pub telemetry: Option<TelemetrySummary>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CritiqueOutcome {
+    /// The final critique: the model's, merged with the deterministic findings.
+    pub critique: Critique,
+    /// The model's own JSON, as decoded.
+    pub model_json: String,
+    pub stats: DraftStats,
+    pub decode: DecodeStats,
+}
+
+/// Request limits, checked at the API edge.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_request_chars: usize,
+    pub max_draft_chars: usize,
+    pub max_conversation_messages: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_request_chars: 4000,
+            max_draft_chars: 100_000,
+            max_conversation_messages: 64,
+        }
+    }
+}
+
+/// How much of a draft and of the conversation the model reads (the checks read all of it).
+const DRAFT_HEAD_CHARS: usize = 1200;
+const DRAFT_TAIL_CHARS: usize = 400;
+const TURN_CHARS: usize = 300;
+const WINDOW_TURNS: usize = 4;
+
+const SYSTEM: &str =
+    "You are the majordomo: a strict, sober editor. You judge drafts written by a \
+creative writer for a user's request. Reply with JSON only.";
+
+pub struct Majordomo {
+    lm: Arc<LoadedModel>,
+    constrainer: Constrainer,
+    pub lengths: LengthLimits,
+    pub limits: RequestLimits,
+}
+
+impl Majordomo {
+    pub fn new(lm: Arc<LoadedModel>) -> Result<Self> {
+        let constrainer = Constrainer::new(&lm)?;
+        Ok(Self {
+            lm,
+            constrainer,
+            lengths: LengthLimits::default(),
+            limits: RequestLimits::default(),
+        })
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.lm
+    }
+
+    /// Rejects oversized or empty-where-required fields, naming the field.
+    pub fn validate(&self, r: &CritiqueRequest) -> Result<()> {
+        let bad = |m: String| Err(MajordomoError::InvalidRequest(m));
+        if r.request.trim().is_empty() {
+            return bad("request is empty: say what the user asked for".into());
+        }
+        if r.request.chars().count() > self.limits.max_request_chars {
+            return bad(format!(
+                "request is longer than {} characters",
+                self.limits.max_request_chars
+            ));
+        }
+        if r.draft.chars().count() > self.limits.max_draft_chars {
+            return bad(format!(
+                "draft is longer than {} characters",
+                self.limits.max_draft_chars
+            ));
+        }
+        if r.conversation.len() > self.limits.max_conversation_messages {
+            return bad(format!(
+                "conversation has more than {} messages",
+                self.limits.max_conversation_messages
+            ));
+        }
+        Ok(())
+    }
+
+    /// A critique of the draft; `on_text` receives the model's JSON as it is written.
+    pub fn critique(
+        &self,
+        r: &CritiqueRequest,
+        on_text: impl FnMut(&str),
+    ) -> Result<CritiqueOutcome> {
+        self.validate(r)?;
+        let (stats, findings) = checks::check(&r.request, &r.draft, self.lengths);
+        let prompt = self.critique_prompt(r);
+        let schema = critique::model_schema();
+        let (model_json, decode) = self.run(
+            &prompt,
+            &schema,
+            critique::model_output_max_bytes(),
+            on_text,
+        )?;
+        let model = Critique::parse(&model_json).map_err(|e| {
+            MajordomoError::Grammar(format!(
+                "constrained output did not parse ({e}): {model_json}"
+            ))
+        })?;
+        let critique = merge(model, &findings);
+        critique.validate().map_err(MajordomoError::Grammar)?;
+        Ok(CritiqueOutcome {
+            critique,
+            model_json,
+            stats,
+            decode,
+        })
+    }
+
+    /// A draft's structure: title, points, summary.
+    pub fn structure(
+        &self,
+        draft: &str,
+        on_text: impl FnMut(&str),
+    ) -> Result<(Structure, DecodeStats)> {
+        if draft.trim().is_empty() {
+            return Err(MajordomoError::InvalidRequest(
+                "draft is empty: nothing to structure".into(),
+            ));
+        }
+        if draft.chars().count() > self.limits.max_draft_chars {
+            return Err(MajordomoError::InvalidRequest(format!(
+                "draft is longer than {} characters",
+                self.limits.max_draft_chars
+            )));
+        }
+        let user = format!(
+            "Draft:\n{}\n\nGive it a short title, its key points, and a one-sentence summary.",
+            window(draft)
+        );
+        let prompt = self
+            .lm
+            .chat_prompt(&[ChatMessage::new("system", SYSTEM), ChatMessage::user(user)])?;
+        let (json, decode) = self.run(
+            &prompt,
+            &critique::structure_schema(),
+            critique::structure_output_max_bytes(),
+            on_text,
+        )?;
+        let s: Structure = serde_json::from_str(&json).map_err(|e| {
+            MajordomoError::Grammar(format!("constrained output did not parse ({e}): {json}"))
+        })?;
+        Ok((s, decode))
+    }
+
+    fn critique_prompt(&self, r: &CritiqueRequest) -> Vec<u32> {
+        let convo: Vec<String> = r
+            .conversation
+            .iter()
+            .rev()
+            .take(WINDOW_TURNS)
+            .rev()
+            .map(|m| format!("{}: {}", m.role, clip(&m.content, TURN_CHARS)))
+            .collect();
+        let telemetry = r
+            .telemetry
+            .as_ref()
+            .map_or_else(|| "none".to_string(), TelemetrySummary::describe);
+        let user = format!(
+            "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}\n\nCritique the draft: verdict \
+             (accept, revise or reject), coherence and novelty from 0 to 10, issues, a one-sentence summary, its key \
+             points, and advice for the next dream (noise lower, keep or raise; steps fewer, keep or more).",
+            clip(&r.request, 600),
+            if convo.is_empty() { "(none)".to_string() } else { convo.join("\n") },
+            if r.draft.trim().is_empty() { "(empty)".to_string() } else { window(&r.draft) },
+            telemetry
+        );
+        // User text is encoded as the template renders it; markers inside it stay text only if
+        // the template escapes them, so strip the few that would end a turn early.
+        let messages = [
+            ChatMessage::new("system", SYSTEM),
+            ChatMessage::user(defuse(&user)),
+        ];
+        self.lm.chat_prompt(&messages).unwrap_or_default()
+    }
+
+    fn run(
+        &self,
+        prompt: &[u32],
+        schema: &serde_json::Value,
+        max_bytes: usize,
+        on_text: impl FnMut(&str),
+    ) -> Result<(String, DecodeStats)> {
+        if prompt.is_empty() {
+            return Err(MajordomoError::InvalidRequest(
+                "the prompt could not be rendered".into(),
+            ));
+        }
+        self.lm
+            .check_fits(prompt.len() + max_bytes.min(self.lm.model.max_context() / 2))?;
+        let mut matcher = self.constrainer.matcher(schema)?;
+        let mut cache = self.lm.model.new_cache();
+        let h = self.lm.model.forward(Input::Tokens(prompt), &mut cache)?;
+        let logits = self.lm.model.last_logits(&h)?;
+        let budget = max_bytes.min(self.lm.model.max_context() - prompt.len());
+        let (text, stats) =
+            constrained::decode(&self.lm, &mut cache, logits, &mut matcher, budget, on_text)?;
+        if !matcher.is_accepting().unwrap_or(false) {
+            return Err(MajordomoError::Grammar(format!(
+                "output incomplete after {} tokens: {text}",
+                stats.tokens
+            )));
+        }
+        Ok((text, stats))
+    }
+}
+
+/// The model's critique, made stricter by the checks' findings: their issues come first, the
+/// verdict is the strictest asked for, and dream advice follows the kind of finding.
+pub fn merge(mut model: Critique, findings: &[checks::Finding]) -> Critique {
+    let mut issues: Vec<critique::Issue> = findings.iter().map(|f| f.issue.clone()).collect();
+    for i in model.issues.drain(..) {
+        if !issues.iter().any(|f| f.kind == i.kind) && !i.detail.trim().is_empty() {
+            issues.push(i);
+        }
+    }
+    for f in findings {
+        model.verdict = model.verdict.stricter(f.verdict);
+        match f.issue.kind {
+            // A looping dream is too cold; a drifting one too hot.
+            IssueKind::Repetition => model.advice.noise = NoiseAdvice::Raise,
+            IssueKind::LanguageSwitch | IssueKind::Drift => model.advice.noise = NoiseAdvice::Lower,
+            IssueKind::Empty => {
+                model.coherence = 0;
+                model.novelty = 0;
+            }
+            _ => {}
+        }
+    }
+    if model.verdict == Verdict::Accept && model.coherence < 3 {
+        model.verdict = Verdict::Revise;
+    }
+    model.issues = issues;
+    model
+}
+
+/// The part of a long text the model reads: its head and tail, with the cut marked.
+fn window(text: &str) -> String {
+    let n = text.chars().count();
+    if n <= DRAFT_HEAD_CHARS + DRAFT_TAIL_CHARS {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(DRAFT_HEAD_CHARS).collect();
+    let tail: String = text.chars().skip(n - DRAFT_TAIL_CHARS).collect();
+    format!(
+        "{head}\n[... {} characters omitted ...]\n{tail}",
+        n - DRAFT_HEAD_CHARS - DRAFT_TAIL_CHARS
+    )
+}
+
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    }
+}
+
+/// Chat markers inside user-provided text would end the turn early when the template is
+/// rendered and parsed for special tokens: neutralise them.
+fn defuse(text: &str) -> String {
+    text.replace("<|", "<\u{200b}|")
+        .replace("<start_of_turn>", "<\u{200b}start_of_turn>")
+        .replace("<end_of_turn>", "<\u{200b}end_of_turn>")
+}
