@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/muse/v1/muse.proto"];
+    let protos = [
+        "proto/muse/v1/muse.proto",
+        "proto/majordomo/v1/majordomo.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;

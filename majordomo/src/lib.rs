@@ -6,3 +6,5 @@ pub mod constrained;
 pub mod critique;
 pub mod error;
 pub mod review;
+pub mod serve;
+pub mod service;

@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Critique a draft; prints the structured critique (`--json`: the schema's JSON, one line).
     Critique(CritiqueArgs),
+    /// Serve the majordomo over gRPC (majordomo.v1.Majordomo, health, reflection).
+    Serve(majordomo::serve::ServeFlags),
 }
 
 #[derive(Args)]
@@ -116,6 +118,15 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_serve(flags: majordomo::serve::ServeFlags) -> Result<()> {
+    let cfg =
+        majordomo::serve::ServeConfig::load(&flags).context("majordomo serve configuration")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(majordomo::serve::serve(cfg))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -125,6 +136,7 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Critique(a) => run_critique(a),
+        Command::Serve(flags) => run_serve(flags),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,5 +6,11 @@ pub mod muse {
     }
 }
 
+pub mod majordomo {
+    pub mod v1 {
+        tonic::include_proto!("majordomo.v1");
+    }
+}
+
 /// Encoded descriptors of every service, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -1,0 +1,860 @@
+//! Quantized matrix-vector kernels for batch-1 decode (and small-batch prefill) on x86 AVX2,
+//! with a portable scalar fallback.
+//!
+//! Candle's CPU backend has no SIMD path for Q4_1 / Q5_0 on x86 (scalar `vec_dot`); these
+//! kernels follow ggml-cpu's AVX2 code (`arch/x86/quants.c`) on the ggml block layouts, so
+//! GGUF tensor bytes can be used as they are.
+//!
+//! ```ignore
+//! let w = QWeight::new(QType::Q4_1, rows, cols, gguf_bytes)?;   // rows = output features
+//! let pool = KernelPool::global();                               // or KernelPool::new(2)
+//! let mut xq = QuantizedActivation::default();
+//! xq.quantize(w.act_kind(), &x, 1, cols);                        // once per input vector
+//! w.matvec(pool, &xq, &mut out);                                 // out.len() == rows
+//! matmul_multi(pool, &[&wq, &wk, &wv], &xq, &mut [&mut q, &mut k, &mut v]); // one dispatch
+//! w.matmul(pool, &xs, m, &mut out_m);                            // xs m×cols -> out m×rows
+//! ```
+//!
+//! * Decode (m = 1): MV_R = 4 rows per kernel call share each activation block; software
+//!   prefetch along the (linear) weight stream.
+//! * Small batches (m >= 4): 2 rows × 4 activations tiles (~1.4× faster per row than m = 1).
+//!   Measured faster than candle's `QMatMul` (Q4_1 or Q8_0) at every m up to 128 and on par
+//!   with candle's f32 matmul on pre-dequantized weights, so there is no crossover to candle
+//!   for these formats.
+//! * `LM_KERNELS_SCALAR=1` forces the portable scalar path.
+
+pub mod blocks;
+mod pool;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
+pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
+pub use pool::{KernelPool, MAX_CHUNKS};
+
+use blocks::Pod;
+use std::sync::Arc;
+
+/// True when the AVX2 + FMA + F16C kernels can be used on this CPU.
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static CACHE: AtomicU8 = AtomicU8::new(0);
+        match CACHE.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let ok = std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+                    && std::env::var_os("LM_KERNELS_SCALAR").is_none();
+                CACHE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+                ok
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Instruction set used by a call (tests force `Scalar` to compare paths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    #[inline]
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelError {
+    Unsupported(String),
+    Shape(String),
+}
+
+impl std::fmt::Display for KernelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelError::Unsupported(s) => write!(f, "unsupported: {s}"),
+            KernelError::Shape(s) => write!(f, "shape error: {s}"),
+        }
+    }
+}
+impl std::error::Error for KernelError {}
+
+/// Weight formats with a kernel here. Discriminants are the ggml/GGUF type ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q4_0 = 2,
+    Q4_1 = 3,
+    Q5_0 = 6,
+    Q8_0 = 8,
+}
+
+/// Activation formats (the ggml `vec_dot_type` of each weight format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActKind {
+    Q8_0,
+    Q8_1,
+}
+
+impl QType {
+    /// From a ggml/GGUF type id (`ggml_type`).
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        Some(match id {
+            2 => QType::Q4_0,
+            3 => QType::Q4_1,
+            6 => QType::Q5_0,
+            8 => QType::Q8_0,
+            _ => return None,
+        })
+    }
+    /// Elements per block.
+    pub const fn block_size(self) -> usize {
+        QK
+    }
+    /// Bytes per block.
+    pub const fn type_size(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q5_0 => 22,
+            QType::Q8_0 => 34,
+        }
+    }
+    /// The activation format its dot product consumes.
+    pub const fn act_kind(self) -> ActKind {
+        match self {
+            QType::Q4_1 => ActKind::Q8_1,
+            _ => ActKind::Q8_0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+// ---------------------------------------------------------------------------------------------
+
+/// `m` activation rows of `cols` values quantized to Q8_0 or Q8_1 (`cols / 32` blocks each).
+/// Reuse one value across calls: `quantize` keeps the allocation.
+#[derive(Clone, Debug)]
+pub struct QuantizedActivation {
+    kind: ActKind,
+    m: usize,
+    cols: usize,
+    q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+}
+
+impl Default for QuantizedActivation {
+    fn default() -> Self {
+        Self {
+            kind: ActKind::Q8_0,
+            m: 0,
+            cols: 0,
+            q8_0: Vec::new(),
+            q8_1: Vec::new(),
+        }
+    }
+}
+
+impl QuantizedActivation {
+    /// Quantize `xs` (`m × cols`, row-major; `cols % 32 == 0`).
+    pub fn new(kind: ActKind, xs: &[f32], m: usize, cols: usize) -> Self {
+        let mut s = Self::default();
+        s.quantize(kind, xs, m, cols);
+        s
+    }
+
+    /// Re-quantize into this buffer (ggml `quantize_row_q8_0` / `quantize_row_q8_1`).
+    pub fn quantize(&mut self, kind: ActKind, xs: &[f32], m: usize, cols: usize) {
+        self.quantize_isa(Isa::detect(), kind, xs, m, cols)
+    }
+
+    fn quantize_isa(&mut self, isa: Isa, kind: ActKind, xs: &[f32], m: usize, cols: usize) {
+        assert!(
+            cols.is_multiple_of(QK),
+            "cols {cols} not a multiple of {QK}"
+        );
+        assert_eq!(xs.len(), m * cols, "xs length {} != {m}×{cols}", xs.len());
+        self.kind = kind;
+        self.m = m;
+        self.cols = cols;
+        let nb = m * cols / QK;
+        match kind {
+            ActKind::Q8_0 => {
+                self.q8_0.resize(nb, BlockQ8_0::default());
+                quantize_q8_0(isa, xs, &mut self.q8_0);
+            }
+            ActKind::Q8_1 => {
+                self.q8_1.resize(nb, BlockQ8_1::default());
+                quantize_q8_1(isa, xs, &mut self.q8_1);
+            }
+        }
+    }
+
+    pub fn kind(&self) -> ActKind {
+        self.kind
+    }
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The Q8_0 blocks (empty unless `kind() == Q8_0`).
+    pub fn q8_0(&self) -> &[BlockQ8_0] {
+        if self.kind == ActKind::Q8_0 {
+            &self.q8_0[..self.m * self.cols / QK]
+        } else {
+            &[]
+        }
+    }
+    /// The Q8_1 blocks (empty unless `kind() == Q8_1`).
+    pub fn q8_1(&self) -> &[BlockQ8_1] {
+        if self.kind == ActKind::Q8_1 {
+            &self.q8_1[..self.m * self.cols / QK]
+        } else {
+            &[]
+        }
+    }
+}
+
+fn quantize_q8_0(isa: Isa, xs: &[f32], ys: &mut [BlockQ8_0]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_row_q8_0(xs, ys) },
+        Isa::Scalar => blocks::quantize_row_q8_0_scalar(xs, ys),
+    }
+}
+
+fn quantize_q8_1(isa: Isa, xs: &[f32], ys: &mut [BlockQ8_1]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_row_q8_1(xs, ys) },
+        Isa::Scalar => blocks::quantize_row_q8_1_scalar(xs, ys),
+    }
+}
+
+/// Quantize one f32 row to Q8_0 activation blocks (AVX2 when available).
+pub fn quantize_row_q8_0(xs: &[f32], ys: &mut [BlockQ8_0]) {
+    quantize_q8_0(Isa::detect(), xs, ys)
+}
+
+/// Quantize one f32 row to Q8_1 activation blocks (AVX2 when available).
+pub fn quantize_row_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
+    quantize_q8_1(Isa::detect(), xs, ys)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products (dispatching)
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! dispatch_dot {
+    ($name:ident, $X:ty, $Y:ty, $scalar:path, $avx:ident) => {
+        /// Dot product of one weight row with one activation row (same number of blocks).
+        pub fn $name(x: &[$X], y: &[$Y]) -> f32 {
+            assert_eq!(x.len(), y.len());
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                return unsafe { avx2::$avx(x, y) };
+            }
+            $scalar(x, y)
+        }
+    };
+}
+dispatch_dot!(
+    vec_dot_q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    blocks::vec_dot_q4_0_q8_0_scalar,
+    vec_dot_q4_0_q8_0
+);
+dispatch_dot!(
+    vec_dot_q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    blocks::vec_dot_q4_1_q8_1_scalar,
+    vec_dot_q4_1_q8_1
+);
+dispatch_dot!(
+    vec_dot_q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    blocks::vec_dot_q5_0_q8_0_scalar,
+    vec_dot_q5_0_q8_0
+);
+dispatch_dot!(
+    vec_dot_q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    blocks::vec_dot_q8_0_q8_0_scalar,
+    vec_dot_q8_0_q8_0
+);
+
+/// A weight block format with its activation format and row kernels.
+trait Format: Pod {
+    type Act: Pod;
+    /// `out[c * out_stride + r - rows.start] = dot(w row r, act row c)` for r in `rows`,
+    /// c in `0..m`; `w` is the whole matrix (`nb` blocks per row), `y` is `m × nb` blocks.
+    ///
+    /// # Safety
+    /// `out` must be valid for those writes; `isa` must be supported.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows(
+        isa: Isa,
+        w: &[Self],
+        nb: usize,
+        rows: std::ops::Range<usize>,
+        y: &[Self::Act],
+        m: usize,
+        out: *mut f32,
+        out_stride: usize,
+    );
+}
+
+macro_rules! impl_format {
+    ($X:ty, $Y:ty, $scalar:path, $avx_rows:ident, $avx_tile:ident, $avx_fn:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $avx_fn(
+            w: &[$X],
+            nb: usize,
+            rows: std::ops::Range<usize>,
+            y: &[$Y],
+            m: usize,
+            out: *mut f32,
+            out_stride: usize,
+        ) {
+            let base = w.as_ptr();
+            let y = y.as_ptr();
+            let row = |r: usize| base.add(r * nb);
+            let act = |c: usize| y.add(c * nb);
+            // f32 activation scales for the tiles: yd[c][b] = d, ys[b][c] = s (zero padded).
+            let (mut yd, mut ys) = (Vec::new(), Vec::new());
+            let ys_stride = m + 8;
+            if m >= TILE_C {
+                yd = vec![0f32; m * nb];
+                ys = vec![0f32; nb * ys_stride];
+                for c in 0..m {
+                    for b in 0..nb {
+                        let blk = &*act(c).add(b);
+                        yd[c * nb + b] = blk.d.to_f32();
+                        ys[b * ys_stride + c] = <$Y as blocks::ActBlock>::s(blk);
+                    }
+                }
+            }
+            let mut r = rows.start;
+            if m < TILE_C {
+                // matvec (and m < TILE_C): MV_R rows per call, activation blocks shared.
+                while r + MV_R <= rows.end {
+                    let xs: [_; MV_R] = std::array::from_fn(|i| row(r + i));
+                    for c in 0..m {
+                        let mut o = [0f32; MV_R];
+                        avx2::$avx_rows::<MV_R>(xs, act(c), nb, &mut o);
+                        let dst = out.add(c * out_stride + r - rows.start);
+                        std::ptr::copy_nonoverlapping(o.as_ptr(), dst, MV_R);
+                    }
+                    r += MV_R;
+                }
+            }
+            while m >= TILE_C && r + TILE_R <= rows.end {
+                let xs: [_; TILE_R] = std::array::from_fn(|i| row(r + i));
+                let mut c = 0;
+                while c + TILE_C <= m {
+                    let mut o = [[0f32; TILE_R]; TILE_C];
+                    avx2::$avx_tile::<TILE_R, TILE_C>(
+                        xs,
+                        std::array::from_fn(|j| act(c + j)),
+                        std::array::from_fn(|j| yd.as_ptr().add((c + j) * nb)),
+                        ys.as_ptr().add(c),
+                        ys_stride,
+                        nb,
+                        &mut o,
+                    );
+                    for (j, oj) in o.iter().enumerate() {
+                        let dst = out.add((c + j) * out_stride + r - rows.start);
+                        std::ptr::copy_nonoverlapping(oj.as_ptr(), dst, TILE_R);
+                    }
+                    c += TILE_C;
+                }
+                while c < m {
+                    let mut o = [0f32; TILE_R];
+                    avx2::$avx_rows::<TILE_R>(xs, act(c), nb, &mut o);
+                    let dst = out.add(c * out_stride + r - rows.start);
+                    std::ptr::copy_nonoverlapping(o.as_ptr(), dst, TILE_R);
+                    c += 1;
+                }
+                r += TILE_R;
+            }
+            while r < rows.end {
+                for c in 0..m {
+                    let mut o = [0f32; 1];
+                    avx2::$avx_rows::<1>([row(r)], act(c), nb, &mut o);
+                    *out.add(c * out_stride + r - rows.start) = o[0];
+                }
+                r += 1;
+            }
+        }
+
+        impl Format for $X {
+            type Act = $Y;
+            unsafe fn rows(
+                isa: Isa,
+                w: &[Self],
+                nb: usize,
+                rows: std::ops::Range<usize>,
+                y: &[$Y],
+                m: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => $avx_fn(w, nb, rows, y, m, out, out_stride),
+                    Isa::Scalar => {
+                        for r in rows.clone() {
+                            let wr = &w[r * nb..(r + 1) * nb];
+                            for c in 0..m {
+                                *out.add(c * out_stride + r - rows.start) =
+                                    $scalar(wr, &y[c * nb..(c + 1) * nb]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+impl_format!(
+    BlockQ4_0,
+    BlockQ8_0,
+    blocks::vec_dot_q4_0_q8_0_scalar,
+    dot_rows_q4_0_q8_0,
+    dot_tile_q4_0_q8_0,
+    rows_q4_0_avx2
+);
+impl_format!(
+    BlockQ4_1,
+    BlockQ8_1,
+    blocks::vec_dot_q4_1_q8_1_scalar,
+    dot_rows_q4_1_q8_1,
+    dot_tile_q4_1_q8_1,
+    rows_q4_1_avx2
+);
+impl_format!(
+    BlockQ5_0,
+    BlockQ8_0,
+    blocks::vec_dot_q5_0_q8_0_scalar,
+    dot_rows_q5_0_q8_0,
+    dot_tile_q5_0_q8_0,
+    rows_q5_0_avx2
+);
+impl_format!(
+    BlockQ8_0,
+    BlockQ8_0,
+    blocks::vec_dot_q8_0_q8_0_scalar,
+    dot_rows_q8_0_q8_0,
+    dot_tile_q8_0_q8_0,
+    rows_q8_0_avx2
+);
+
+// ---------------------------------------------------------------------------------------------
+// Weights
+// ---------------------------------------------------------------------------------------------
+
+/// A quantized weight matrix in ggml layout: `rows` output features, each `cols / 32`
+/// consecutive blocks (exactly a GGUF tensor of shape `[cols, rows]` in ggml order).
+#[derive(Clone, Debug)]
+pub struct QWeight {
+    dtype: QType,
+    rows: usize,
+    cols: usize,
+    bytes: Arc<[u8]>,
+}
+
+/// Weight rows per matvec kernel call (the activation block is loaded once per MV_R rows).
+const MV_R: usize = 4;
+/// Matmul (m >= TILE_C) tile: TILE_R weight rows × TILE_C activation rows (measured on Zen 3:
+/// 2×4 beats 4×2, 2×3, 3×3; 4×1 for m = 1).
+const TILE_R: usize = 2;
+const TILE_C: usize = 4;
+
+/// Target number of chunks per thread for one product (dynamic claiming balances load and
+/// absorbs a descheduled worker).
+const CHUNKS_PER_THREAD: usize = 4;
+/// Minimum weight blocks per chunk (~1.5 µs of work on one core): bounds the claim overhead.
+const MIN_CHUNK_BLOCKS: usize = 1024;
+
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+impl QWeight {
+    /// Wrap ggml-layout bytes. `bytes.len()` must be `rows * cols / 32 * type_size`.
+    pub fn new(
+        dtype: QType,
+        rows: usize,
+        cols: usize,
+        bytes: impl Into<Arc<[u8]>>,
+    ) -> Result<Self, KernelError> {
+        let mut bytes: Arc<[u8]> = bytes.into();
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError::Shape(format!(
+                "cols {cols} not a multiple of {QK}"
+            )));
+        }
+        let want = rows * (cols / QK) * dtype.type_size();
+        if bytes.len() != want {
+            return Err(KernelError::Shape(format!(
+                "{dtype:?} {rows}×{cols}: expected {want} bytes, got {}",
+                bytes.len()
+            )));
+        }
+        if !(bytes.as_ptr() as usize).is_multiple_of(2) {
+            // Arc's data is always at least 8-aligned; a copy fixes a foreign allocation.
+            bytes = Arc::from(&bytes[..]);
+        }
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// Quantize an f32 matrix (`rows × cols`, row-major) with ggml's reference quantizers.
+    pub fn from_f32(
+        dtype: QType,
+        rows: usize,
+        cols: usize,
+        data: &[f32],
+    ) -> Result<Self, KernelError> {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols {
+            return Err(KernelError::Shape(format!(
+                "{rows}×{cols} with {} values",
+                data.len()
+            )));
+        }
+        let nb = rows * cols / QK;
+        fn q<T: Pod>(nb: usize, zero: T, data: &[f32], f: fn(&[f32], &mut [T])) -> Arc<[u8]> {
+            let mut v = vec![zero; nb];
+            f(data, &mut v);
+            Arc::from(blocks::blocks_as_bytes(&v))
+        }
+        let bytes = match dtype {
+            QType::Q4_0 => q(
+                nb,
+                BlockQ4_0 {
+                    d: half::f16::ZERO,
+                    qs: [0; 16],
+                },
+                data,
+                blocks::quantize_row_q4_0,
+            ),
+            QType::Q4_1 => q(
+                nb,
+                BlockQ4_1 {
+                    d: half::f16::ZERO,
+                    m: half::f16::ZERO,
+                    qs: [0; 16],
+                },
+                data,
+                blocks::quantize_row_q4_1,
+            ),
+            QType::Q5_0 => q(
+                nb,
+                BlockQ5_0 {
+                    d: half::f16::ZERO,
+                    qh: [0; 4],
+                    qs: [0; 16],
+                },
+                data,
+                blocks::quantize_row_q5_0,
+            ),
+            QType::Q8_0 => q(
+                nb,
+                BlockQ8_0::default(),
+                data,
+                blocks::quantize_row_q8_0_ref,
+            ),
+        };
+        Self::new(dtype, rows, cols, bytes)
+    }
+
+    pub fn dtype(&self) -> QType {
+        self.dtype
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The activation format `matvec` expects.
+    pub fn act_kind(&self) -> ActKind {
+        self.dtype.act_kind()
+    }
+    /// Raw ggml bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.cols / QK * self.dtype.type_size()
+    }
+
+    /// Dequantize row `r` (e.g. an embedding lookup) into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range {}", self.rows);
+        let rb = self.row_bytes();
+        let b = &self.bytes[r * rb..(r + 1) * rb];
+        match self.dtype {
+            QType::Q4_0 => blocks::dequantize_row_q4_0(blocks::cast_blocks(b), out),
+            QType::Q4_1 => blocks::dequantize_row_q4_1(blocks::cast_blocks(b), out),
+            QType::Q5_0 => blocks::dequantize_row_q5_0(blocks::cast_blocks(b), out),
+            QType::Q8_0 => blocks::dequantize_row_q8_0(blocks::cast_blocks(b), out),
+        }
+    }
+
+    /// The whole matrix as f32, `rows × cols` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.rows * self.cols];
+        for (r, o) in v
+            .chunks_exact_mut(self.cols.max(1))
+            .enumerate()
+            .take(self.rows)
+        {
+            self.dequantize_row(r, o);
+        }
+        v
+    }
+
+    /// `out[r] = dot(row r, x)` for one quantized activation row (`x.m() == 1`).
+    pub fn matvec(&self, pool: &KernelPool, x: &QuantizedActivation, out: &mut [f32]) {
+        assert_eq!(x.m(), 1, "matvec takes one activation row; use matmul_q");
+        self.matmul_q(pool, x, out)
+    }
+
+    /// `out[c * rows + r] = dot(row r, x row c)` for `c < x.m()` (`out`: `m × rows`).
+    pub fn matmul_q(&self, pool: &KernelPool, x: &QuantizedActivation, out: &mut [f32]) {
+        self.matmul_isa(Isa::detect(), pool, x, out)
+    }
+
+    /// `out (m × rows) = xs (m × cols) · Wᵀ`, quantizing `xs` internally (thread-local buffer).
+    pub fn matmul(&self, pool: &KernelPool, xs: &[f32], m: usize, out: &mut [f32]) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<QuantizedActivation> =
+                std::cell::RefCell::new(QuantizedActivation::default());
+        }
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            s.quantize(self.act_kind(), xs, m, self.cols);
+            self.matmul_q(pool, &s, out);
+        })
+    }
+
+    /// Single-threaded product over a row range: `out[i] = dot(row rows.start + i, x)`, for
+    /// callers that parallelize (or fuse) themselves. `x.m() == 1`, `out.len() == rows.len()`.
+    pub fn matvec_rows(
+        &self,
+        x: &QuantizedActivation,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert_eq!(x.m(), 1, "matvec_rows takes one activation row");
+        self.check(x);
+        assert!(
+            rows.start <= rows.end && rows.end <= self.rows,
+            "rows {rows:?} out of 0..{}",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            rows.len(),
+            "out length {} != {}",
+            out.len(),
+            rows.len()
+        );
+        let n = rows.len();
+        // SAFETY: out has exactly rows.len() elements; isa detected.
+        unsafe { self.rows_dyn(Isa::detect(), x, rows, out.as_mut_ptr(), n) }
+    }
+
+    fn check(&self, x: &QuantizedActivation) {
+        assert_eq!(
+            x.kind(),
+            self.act_kind(),
+            "{:?} weight needs {:?} activations",
+            self.dtype,
+            self.act_kind()
+        );
+        assert_eq!(
+            x.cols(),
+            self.cols,
+            "activation cols {} != weight cols {}",
+            x.cols(),
+            self.cols
+        );
+    }
+
+    /// `out[c * out_stride + r - rows.start] = dot(row r, x row c)`.
+    ///
+    /// # Safety
+    /// `x` checked with `check`, `rows` in range, `out` valid for those writes, `isa` supported.
+    unsafe fn rows_dyn(
+        &self,
+        isa: Isa,
+        x: &QuantizedActivation,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let (nb, m, b) = (self.cols / QK, x.m(), &self.bytes[..]);
+        match self.dtype {
+            QType::Q4_0 => BlockQ4_0::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_0(),
+                m,
+                out,
+                out_stride,
+            ),
+            QType::Q4_1 => BlockQ4_1::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_1(),
+                m,
+                out,
+                out_stride,
+            ),
+            QType::Q5_0 => BlockQ5_0::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_0(),
+                m,
+                out,
+                out_stride,
+            ),
+            QType::Q8_0 => BlockQ8_0::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_0(),
+                m,
+                out,
+                out_stride,
+            ),
+        }
+    }
+
+    fn matmul_isa(&self, isa: Isa, pool: &KernelPool, x: &QuantizedActivation, out: &mut [f32]) {
+        matmul_multi_isa(isa, pool, &[self], x, &mut [out]);
+    }
+}
+
+/// Several weights applied to the same activations (Q/K/V, gate/up) in one pool dispatch:
+/// `outs[i]` (`x.m() × ws[i].rows()`) `= x · ws[i]ᵀ`. All weights need the same activation
+/// format and `cols` (e.g. Q4_1 and Q8_1, or any of Q4_0/Q5_0/Q8_0 with Q8_0).
+pub fn matmul_multi(
+    pool: &KernelPool,
+    ws: &[&QWeight],
+    x: &QuantizedActivation,
+    outs: &mut [&mut [f32]],
+) {
+    matmul_multi_isa(Isa::detect(), pool, ws, x, outs)
+}
+
+fn matmul_multi_isa(
+    isa: Isa,
+    pool: &KernelPool,
+    ws: &[&QWeight],
+    x: &QuantizedActivation,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(
+        ws.len(),
+        outs.len(),
+        "{} weights, {} outputs",
+        ws.len(),
+        outs.len()
+    );
+    let m = x.m();
+    for (w, o) in ws.iter().zip(outs.iter()) {
+        w.check(x);
+        assert_eq!(
+            o.len(),
+            m * w.rows,
+            "out length {} != {m}×{}",
+            o.len(),
+            w.rows
+        );
+    }
+    let total_blocks: usize = ws.iter().map(|w| w.rows * (w.cols / QK) * m).sum();
+    if total_blocks == 0 {
+        return;
+    }
+    // Chunks: multiples of MV_R rows of one weight, about total / want blocks each.
+    let want = if pool.n_threads() == 1 {
+        1
+    } else {
+        (pool.n_threads() * CHUNKS_PER_THREAD)
+            .min(total_blocks.div_ceil(MIN_CHUNK_BLOCKS))
+            .max(1)
+    };
+    let target = total_blocks.div_ceil(want);
+    // (weight index, first row, chunk rows) per weight; chunk i of weight k is i - first[k].
+    let mut plan: [(usize, usize); 8] = [(0, 0); 8];
+    let mut plan_vec = Vec::new();
+    let plan: &mut [(usize, usize)] = if ws.len() <= 8 {
+        &mut plan[..ws.len()]
+    } else {
+        plan_vec.resize(ws.len(), (0, 0));
+        &mut plan_vec
+    };
+    let mut n_chunks = 0;
+    for (k, w) in ws.iter().enumerate() {
+        let per_row = (w.cols / QK * m).max(1);
+        let chunk_rows = target.div_ceil(per_row).next_multiple_of(MV_R).max(MV_R);
+        plan[k] = (n_chunks, chunk_rows);
+        n_chunks += w.rows.div_ceil(chunk_rows);
+    }
+    let plan = &*plan;
+    let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let ptrs = &ptrs;
+    pool.run(n_chunks, move |i| {
+        let k = plan.partition_point(|&(first, _)| first <= i) - 1;
+        let (first, chunk_rows) = plan[k];
+        let w = ws[k];
+        let r0 = (i - first) * chunk_rows;
+        let r1 = (r0 + chunk_rows).min(w.rows);
+        // SAFETY: chunks write disjoint row ranges of each output; outputs outlive `run`;
+        // shapes checked above; `isa` detected (or scalar).
+        unsafe { w.rows_dyn(isa, x, r0..r1, ptrs[k].0.add(r0), w.rows) }
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,572 @@
+use super::blocks::*;
+use super::*;
+use half::f16;
+
+/// xorshift64* — no dependency needed.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    fn u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn u8(&mut self) -> u8 {
+        (self.u64() >> 56) as u8
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+    fn scale(&mut self) -> f16 {
+        f16::from_f32(self.f32() * 0.05)
+    }
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        std::array::from_fn(|_| self.u8())
+    }
+    fn q4_0(&mut self) -> BlockQ4_0 {
+        BlockQ4_0 {
+            d: self.scale(),
+            qs: self.bytes(),
+        }
+    }
+    fn q4_1(&mut self) -> BlockQ4_1 {
+        BlockQ4_1 {
+            d: self.scale(),
+            m: self.scale(),
+            qs: self.bytes(),
+        }
+    }
+    fn q5_0(&mut self) -> BlockQ5_0 {
+        BlockQ5_0 {
+            d: self.scale(),
+            qh: self.bytes(),
+            qs: self.bytes(),
+        }
+    }
+    /// Activation-like Q8_0: qs in -127..=127 as the quantizers produce (-128 would saturate
+    /// maddubs in the Q8_0 x Q8_0 kernel, exactly as in ggml).
+    fn q8_0(&mut self) -> BlockQ8_0 {
+        BlockQ8_0 {
+            d: self.scale(),
+            qs: std::array::from_fn(|_| ((self.u8() % 255) as i16 - 127) as i8),
+        }
+    }
+    fn q8_1(&mut self) -> BlockQ8_1 {
+        let b = self.q8_0();
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        BlockQ8_1 {
+            d: b.d,
+            s: f16::from_f32(b.d.to_f32() * sum as f32),
+            qs: b.qs,
+        }
+    }
+}
+
+/// |a - b| <= rel * scale + 1e-6, where `scale` bounds the magnitude of the summed terms.
+fn close(a: f32, b: f32, scale: f32, rel: f32) -> bool {
+    (a - b).abs() <= rel * scale + 1e-6
+}
+
+fn abs_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x * y).abs()).sum()
+}
+
+fn deq_act_q8_0(y: &[BlockQ8_0]) -> Vec<f32> {
+    let mut v = vec![0f32; y.len() * QK];
+    dequantize_row_q8_0(y, &mut v);
+    v
+}
+
+fn deq_act_q8_1(y: &[BlockQ8_1]) -> Vec<f32> {
+    let mut v = vec![0f32; y.len() * QK];
+    for (b, o) in y.iter().zip(v.chunks_exact_mut(QK)) {
+        for (o, &q) in o.iter_mut().zip(&b.qs) {
+            *o = q as f32 * b.d.to_f32();
+        }
+    }
+    v
+}
+
+#[test]
+fn block_sizes_match_ggml() {
+    assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
+    assert_eq!(std::mem::size_of::<BlockQ4_1>(), 20);
+    assert_eq!(std::mem::size_of::<BlockQ5_0>(), 22);
+    assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
+    assert_eq!(std::mem::size_of::<BlockQ8_1>(), 36);
+    for t in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+        assert_eq!(QType::from_ggml_id(t as u32), Some(t));
+    }
+}
+
+#[test]
+fn quantize_activation_avx2_matches_scalar() {
+    if !has_avx2() {
+        return;
+    }
+    let mut rng = Rng::new(1);
+    for n_blocks in [1usize, 2, 18, 48] {
+        let mut xs = rng.vec(n_blocks * QK);
+        // an all-zero block, a block with ties (x*id = k + 0.5), a large-magnitude block
+        xs[..QK].iter_mut().for_each(|x| *x = 0.0);
+        if n_blocks > 1 {
+            for (j, x) in xs[QK..2 * QK].iter_mut().enumerate() {
+                *x = (j as f32 - 16.0) + 0.5;
+            }
+            xs[QK] = 127.0;
+        }
+        xs.iter_mut()
+            .skip(2 * QK)
+            .step_by(7)
+            .for_each(|x| *x *= 1000.0);
+        let mut a0 = vec![BlockQ8_0::default(); n_blocks];
+        let mut b0 = a0.clone();
+        let mut a1 = vec![BlockQ8_1::default(); n_blocks];
+        let mut b1 = a1.clone();
+        quantize_q8_0(Isa::Avx2, &xs, &mut a0);
+        quantize_q8_0(Isa::Scalar, &xs, &mut b0);
+        quantize_q8_1(Isa::Avx2, &xs, &mut a1);
+        quantize_q8_1(Isa::Scalar, &xs, &mut b1);
+        assert_eq!(a0, b0);
+        assert_eq!(a1, b1);
+        // and the quantization is accurate
+        let deq = deq_act_q8_1(&a1);
+        for (i, (x, y)) in xs.iter().zip(&deq).enumerate() {
+            let d = a1[i / QK].d.to_f32();
+            assert!(
+                (x - y).abs() <= 0.5 * d * 1.01 + 1e-3 * x.abs(),
+                "{i}: {x} vs {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dots_avx2_match_scalar() {
+    if !has_avx2() {
+        return;
+    }
+    let mut rng = Rng::new(2);
+    for nb in [1usize, 2, 3, 18, 48, 64] {
+        for _ in 0..50 {
+            let x40: Vec<_> = (0..nb).map(|_| rng.q4_0()).collect();
+            let x41: Vec<_> = (0..nb).map(|_| rng.q4_1()).collect();
+            let x50: Vec<_> = (0..nb).map(|_| rng.q5_0()).collect();
+            let x80: Vec<_> = (0..nb).map(|_| rng.q8_0()).collect();
+            let y0: Vec<_> = (0..nb).map(|_| rng.q8_0()).collect();
+            let y1: Vec<_> = (0..nb).map(|_| rng.q8_1()).collect();
+            let yd0 = deq_act_q8_0(&y0);
+            let yd1 = deq_act_q8_1(&y1);
+            let mut w = vec![0f32; nb * QK];
+
+            let check = |name: &str, a: f32, b: f32, wd: &[f32], yd: &[f32], extra: f32| {
+                let scale = abs_dot(wd, yd) + extra;
+                assert!(
+                    close(a, b, scale, 1e-3),
+                    "{name} nb={nb}: avx {a} scalar {b} (scale {scale})"
+                );
+            };
+            unsafe {
+                dequantize_row_q4_0(&x40, &mut w);
+                check(
+                    "q4_0",
+                    avx2::vec_dot_q4_0_q8_0(&x40, &y0),
+                    vec_dot_q4_0_q8_0_scalar(&x40, &y0),
+                    &w,
+                    &yd0,
+                    0.0,
+                );
+                dequantize_row_q4_1(&x41, &mut w);
+                let ms: f32 = x41
+                    .iter()
+                    .zip(&y1)
+                    .map(|(a, b)| (a.m.to_f32() * b.s.to_f32()).abs())
+                    .sum();
+                check(
+                    "q4_1",
+                    avx2::vec_dot_q4_1_q8_1(&x41, &y1),
+                    vec_dot_q4_1_q8_1_scalar(&x41, &y1),
+                    &w,
+                    &yd1,
+                    ms,
+                );
+                dequantize_row_q5_0(&x50, &mut w);
+                check(
+                    "q5_0",
+                    avx2::vec_dot_q5_0_q8_0(&x50, &y0),
+                    vec_dot_q5_0_q8_0_scalar(&x50, &y0),
+                    &w,
+                    &yd0,
+                    0.0,
+                );
+                dequantize_row_q8_0(&x80, &mut w);
+                check(
+                    "q8_0",
+                    avx2::vec_dot_q8_0_q8_0(&x80, &y0),
+                    vec_dot_q8_0_q8_0_scalar(&x80, &y0),
+                    &w,
+                    &yd0,
+                    0.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scalar_dots_match_dequantized() {
+    // The scalar references against dequantize-then-f32-dot (validates the layouts' bit logic).
+    let mut rng = Rng::new(3);
+    let nb = 8;
+    for _ in 0..20 {
+        let y0: Vec<_> = (0..nb).map(|_| rng.q8_0()).collect();
+        let y1: Vec<_> = (0..nb).map(|_| rng.q8_1()).collect();
+        let (yd0, yd1) = (deq_act_q8_0(&y0), deq_act_q8_1(&y1));
+        let mut w = vec![0f32; nb * QK];
+        let f32dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+
+        let x: Vec<_> = (0..nb).map(|_| rng.q4_0()).collect();
+        dequantize_row_q4_0(&x, &mut w);
+        assert!(close(
+            vec_dot_q4_0_q8_0_scalar(&x, &y0),
+            f32dot(&w, &yd0),
+            abs_dot(&w, &yd0),
+            1e-4
+        ));
+        let x: Vec<_> = (0..nb).map(|_| rng.q5_0()).collect();
+        dequantize_row_q5_0(&x, &mut w);
+        assert!(close(
+            vec_dot_q5_0_q8_0_scalar(&x, &y0),
+            f32dot(&w, &yd0),
+            abs_dot(&w, &yd0),
+            1e-4
+        ));
+        let x: Vec<_> = (0..nb).map(|_| rng.q8_0()).collect();
+        dequantize_row_q8_0(&x, &mut w);
+        assert!(close(
+            vec_dot_q8_0_q8_0_scalar(&x, &y0),
+            f32dot(&w, &yd0),
+            abs_dot(&w, &yd0),
+            1e-4
+        ));
+        let x: Vec<_> = (0..nb).map(|_| rng.q4_1()).collect();
+        dequantize_row_q4_1(&x, &mut w);
+        // s is rounded to f16 (as in ggml): allow 1e-3 of the m*s term
+        let ms: f32 = x
+            .iter()
+            .zip(&y1)
+            .map(|(a, b)| (a.m.to_f32() * b.s.to_f32()).abs())
+            .sum();
+        assert!(close(
+            vec_dot_q4_1_q8_1_scalar(&x, &y1),
+            f32dot(&w, &yd1),
+            abs_dot(&w, &yd1) + ms * 10.0,
+            1e-4
+        ));
+    }
+}
+
+#[test]
+fn multi_row_kernels_match_single_row() {
+    if !has_avx2() {
+        return;
+    }
+    let mut rng = Rng::new(4);
+    let nb = 18;
+    let x: Vec<_> = (0..4 * nb).map(|_| rng.q4_1()).collect();
+    let y: Vec<_> = (0..nb).map(|_| rng.q8_1()).collect();
+    let mut o = [0f32; 4];
+    unsafe {
+        avx2::dot_rows_q4_1_q8_1::<4>(
+            std::array::from_fn(|r| x[r * nb..].as_ptr()),
+            y.as_ptr(),
+            nb,
+            &mut o,
+        );
+        for r in 0..4 {
+            let one = avx2::vec_dot_q4_1_q8_1(&x[r * nb..(r + 1) * nb], &y);
+            assert_eq!(o[r], one, "row {r}");
+        }
+    }
+}
+
+fn check_weight(dtype: QType, rows: usize, cols: usize, m: usize, pool: &KernelPool, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let wf = rng.vec(rows * cols);
+    let w = QWeight::from_f32(dtype, rows, cols, &wf).unwrap();
+    let wd = w.dequantize();
+    let xs = rng.vec(m * cols);
+    let xq = QuantizedActivation::new(w.act_kind(), &xs, m, cols);
+    let xd = match xq.kind() {
+        ActKind::Q8_0 => deq_act_q8_0(xq.q8_0()),
+        ActKind::Q8_1 => deq_act_q8_1(xq.q8_1()),
+    };
+    let mut out = vec![f32::NAN; m * rows];
+    w.matmul_q(pool, &xq, &mut out);
+    let mut out_s = vec![f32::NAN; m * rows];
+    w.matmul_isa(Isa::Scalar, pool, &xq, &mut out_s);
+    let mut out_f = vec![f32::NAN; m * rows];
+    w.matmul(pool, &xs, m, &mut out_f);
+    for c in 0..m {
+        let x = &xd[c * cols..(c + 1) * cols];
+        let xt = &xs[c * cols..(c + 1) * cols];
+        for r in 0..rows {
+            let wr = &wd[r * cols..(r + 1) * cols];
+            let reference: f32 = wr.iter().zip(x).map(|(a, b)| a * b).sum();
+            let scale = abs_dot(wr, x);
+            let got = out[c * rows + r];
+            let ctx = format!(
+                "{dtype:?} {rows}x{cols} m={m} t={} row {r} act {c}",
+                pool.n_threads()
+            );
+            // vs dequantized weight · dequantized activation: only f16 rounding of s + order
+            assert!(
+                close(got, reference, scale, 2e-3),
+                "{ctx}: {got} vs {reference}"
+            );
+            assert!(
+                close(got, out_s[c * rows + r], scale, 1e-3),
+                "{ctx}: scalar {}",
+                out_s[c * rows + r]
+            );
+            assert_eq!(
+                got.to_bits(),
+                out_f[c * rows + r].to_bits(),
+                "{ctx}: matmul(f32)"
+            );
+            // vs the true f32 activation: activation quantization error (~1/254 per element)
+            let exact: f32 = wr.iter().zip(xt).map(|(a, b)| a * b).sum();
+            assert!(
+                close(got, exact, abs_dot(wr, xt), 2e-2),
+                "{ctx}: {got} vs exact {exact}"
+            );
+        }
+    }
+}
+
+#[test]
+fn matvec_matches_dequantized_reference() {
+    for threads in [1, 2, 3] {
+        let pool = KernelPool::new(threads);
+        let mut seed = 10;
+        for dtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+            for (rows, cols) in [
+                (1, 32),
+                (3, 64),
+                (5, 576),
+                (7, 96),
+                (13, 576),
+                (67, 160),
+                (192, 576),
+                (301, 1536),
+            ] {
+                seed += 1;
+                check_weight(dtype, rows, cols, 1, &pool, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_small_batches() {
+    for threads in [1, 2] {
+        let pool = KernelPool::new(threads);
+        for m in [2, 3, 5, 8] {
+            for dtype in [QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+                check_weight(dtype, 37, 128, m, &pool, 100 + m as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn threads_give_identical_results() {
+    let mut rng = Rng::new(7);
+    let (rows, cols) = (1536, 576);
+    let w = QWeight::from_f32(QType::Q4_1, rows, cols, &rng.vec(rows * cols)).unwrap();
+    let xq = QuantizedActivation::new(ActKind::Q8_1, &rng.vec(cols), 1, cols);
+    let mut a = vec![0f32; rows];
+    let mut b = vec![0f32; rows];
+    w.matvec(&KernelPool::new(1), &xq, &mut a);
+    let p2 = KernelPool::new(2);
+    for _ in 0..100 {
+        w.matvec(&p2, &xq, &mut b);
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn weight_from_bytes_validates() {
+    assert!(QWeight::new(QType::Q4_1, 2, 64, vec![0u8; 80]).is_ok());
+    assert!(QWeight::new(QType::Q4_1, 2, 64, vec![0u8; 81]).is_err());
+    assert!(QWeight::new(QType::Q4_1, 2, 60, vec![0u8; 80]).is_err());
+}
+
+/// Our blocks read candle's (= ggml's) bytes: same dequantization, same products.
+#[test]
+fn layout_matches_candle() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let mut rng = Rng::new(8);
+    let (rows, cols) = (24, 256);
+    let wf = rng.vec(rows * cols);
+    let xs = rng.vec(cols);
+    let t = Tensor::from_vec(wf, (rows, cols), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(xs.clone(), (1, cols), &Device::Cpu).unwrap();
+    let pool = KernelPool::new(2);
+    for (dt, qt) in [
+        (GgmlDType::Q4_0, QType::Q4_0),
+        (GgmlDType::Q4_1, QType::Q4_1),
+        (GgmlDType::Q5_0, QType::Q5_0),
+        (GgmlDType::Q8_0, QType::Q8_0),
+    ] {
+        let q = QTensor::quantize(&t, dt).unwrap();
+        let w = QWeight::new(qt, rows, cols, q.data().unwrap().to_vec()).unwrap();
+        let deq: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(w.dequantize(), deq, "{qt:?} dequantize");
+        let theirs: Vec<f32> = QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut ours = vec![0f32; rows];
+        w.matmul(&pool, &xs, 1, &mut ours);
+        for r in 0..rows {
+            let scale = abs_dot(&deq[r * cols..(r + 1) * cols], &xs);
+            assert!(
+                close(ours[r], theirs[r], scale, 2e-3),
+                "{qt:?} row {r}: {} vs candle {}",
+                ours[r],
+                theirs[r]
+            );
+        }
+    }
+}
+
+#[test]
+fn pool_runs_every_chunk_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for threads in [1, 2, 4] {
+        let pool = KernelPool::new(threads);
+        for n in [1usize, 2, 3, 17, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for _ in 0..20 {
+                pool.run(n, |i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 20));
+        }
+        // after the workers parked
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let total = AtomicUsize::new(0);
+        pool.run(64, |i| {
+            total.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 64 * 63 / 2);
+    }
+}
+
+#[test]
+fn pool_nested_and_concurrent_calls() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = KernelPool::new(2);
+    let total = AtomicUsize::new(0);
+    pool.run(8, |_| {
+        pool.run(4, |_| {
+            total.fetch_add(1, Ordering::Relaxed);
+        });
+    });
+    assert_eq!(total.load(Ordering::Relaxed), 32);
+    let total = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    pool.run(5, |i| {
+                        total.fetch_add(i, Ordering::Relaxed);
+                    });
+                }
+            });
+        }
+    });
+    assert_eq!(total.load(Ordering::Relaxed), 3 * 200 * 10);
+}
+
+#[test]
+fn pool_propagates_panics() {
+    let pool = KernelPool::new(2);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.run(16, |i| {
+            if i == 11 {
+                panic!("boom");
+            }
+        })
+    }));
+    assert!(r.is_err());
+    // still usable
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    pool.run(16, |_| {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(n.into_inner(), 16);
+}
+
+#[test]
+fn matmul_multi_matches_separate_products() {
+    let mut rng = Rng::new(9);
+    let cols = 576;
+    for threads in [1, 2, 3] {
+        let pool = KernelPool::new(threads);
+        for m in [1usize, 2, 5] {
+            // Q/K/V-like Q4_1; then mixed Q5_0 + Q8_0 (both take Q8_0 activations)
+            for dtypes in [
+                [QType::Q4_1, QType::Q4_1, QType::Q4_1],
+                [QType::Q5_0, QType::Q8_0, QType::Q4_0],
+            ] {
+                let ws: Vec<QWeight> = [576usize, 192, 67]
+                    .iter()
+                    .zip(dtypes)
+                    .map(|(&rows, dt)| {
+                        QWeight::from_f32(dt, rows, cols, &rng.vec(rows * cols)).unwrap()
+                    })
+                    .collect();
+                let xq = QuantizedActivation::new(ws[0].act_kind(), &rng.vec(m * cols), m, cols);
+                let mut outs: Vec<Vec<f32>> =
+                    ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+                {
+                    let mut refs: Vec<&mut [f32]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    let wr: Vec<&QWeight> = ws.iter().collect();
+                    matmul_multi(&pool, &wr, &xq, &mut refs);
+                }
+                for (w, o) in ws.iter().zip(&outs) {
+                    let mut single = vec![0f32; m * w.rows()];
+                    w.matmul_q(&pool, &xq, &mut single);
+                    assert_eq!(o, &single, "{:?} m={m} t={threads}", w.dtype());
+                    if m == 1 {
+                        let mut part = vec![0f32; 50];
+                        w.matvec_rows(&xq, 13..63, &mut part);
+                        assert_eq!(&part[..], &single[13..63]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The majordomo gRPC service (`majordomo.v1.Majordomo`).
+//!
+//! Requests run on blocking threads, `workers` at a time (FIFO); at most `queue_capacity` more
+//! wait. Beyond that a request is answered RESOURCE_EXHAUSTED at once: the queue is bounded.
+
+use crate::critique::{Critique, IssueKind, NoiseAdvice, StepsAdvice, Verdict};
+use crate::error::MajordomoError;
+use crate::review::{CritiqueRequest, Majordomo, TelemetrySummary};
+use mm_proto::majordomo::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct MajordomoService {
+    md: Arc<Majordomo>,
+    /// Permits for running and waiting requests together (workers + queue).
+    admission: Arc<Semaphore>,
+    workers: Arc<Semaphore>,
+    n_workers: usize,
+    queue_capacity: usize,
+}
+
+impl MajordomoService {
+    pub fn new(md: Arc<Majordomo>, workers: usize, queue_capacity: usize) -> Self {
+        let workers = workers.max(1);
+        Self {
+            md,
+            admission: Arc::new(Semaphore::new(workers + queue_capacity)),
+            workers: Arc::new(Semaphore::new(workers)),
+            n_workers: workers,
+            queue_capacity,
+        }
+    }
+
+    pub fn into_server(self) -> pb::majordomo_server::MajordomoServer<Self> {
+        pb::majordomo_server::MajordomoServer::new(self).max_decoding_message_size(4 << 20)
+    }
+
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the majordomo is busy ({} running, {} queued): retry in a few seconds",
+                self.n_workers, self.queue_capacity
+            ))
+        })
+    }
+}
+
+pub fn status_of(e: &MajordomoError) -> Status {
+    match e {
+        MajordomoError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
+        MajordomoError::Lm(lm::LmError::ContextOverflow { .. }) => {
+            Status::out_of_range(e.to_string())
+        }
+        MajordomoError::Lm(lm::LmError::InvalidInput(m)) => Status::invalid_argument(m.clone()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn utf8(field: &str, bytes: Vec<u8>) -> Result<String, Status> {
+    String::from_utf8(bytes).map_err(|e| {
+        Status::invalid_argument(format!(
+            "{field} is not valid UTF-8 (invalid byte at offset {}): send UTF-8 text",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+pub fn to_pb(c: &Critique) -> pb::Critique {
+    pb::Critique {
+        verdict: match c.verdict {
+            Verdict::Accept => pb::Verdict::Accept,
+            Verdict::Revise => pb::Verdict::Revise,
+            Verdict::Reject => pb::Verdict::Reject,
+        } as i32,
+        coherence: c.coherence as u32,
+        novelty: c.novelty as u32,
+        issues: c
+            .issues
+            .iter()
+            .map(|i| pb::Issue {
+                kind: match i.kind {
+                    IssueKind::Contradiction => pb::IssueKind::Contradiction,
+                    IssueKind::Drift => pb::IssueKind::Drift,
+                    IssueKind::Repetition => pb::IssueKind::Repetition,
+                    IssueKind::OffTopic => pb::IssueKind::OffTopic,
+                    IssueKind::LanguageSwitch => pb::IssueKind::LanguageSwitch,
+                    IssueKind::Format => pb::IssueKind::Format,
+                    IssueKind::Empty => pb::IssueKind::Empty,
+                } as i32,
+                detail: i.detail.clone(),
+            })
+            .collect(),
+        summary: c.summary.clone(),
+        points: c.points.clone(),
+        advice: Some(pb::Advice {
+            noise: match c.advice.noise {
+                NoiseAdvice::Lower => pb::NoiseAdvice::Lower,
+                NoiseAdvice::Keep => pb::NoiseAdvice::Keep,
+                NoiseAdvice::Raise => pb::NoiseAdvice::Raise,
+            } as i32,
+            steps: match c.advice.steps {
+                StepsAdvice::Fewer => pb::StepsAdvice::Fewer,
+                StepsAdvice::Keep => pb::StepsAdvice::Keep,
+                StepsAdvice::More => pb::StepsAdvice::More,
+            } as i32,
+        }),
+    }
+}
+
+type CritiqueStream = Pin<Box<dyn Stream<Item = Result<pb::CritiqueEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::majordomo_server::Majordomo for MajordomoService {
+    type CritiqueStream = CritiqueStream;
+
+    async fn critique(
+        &self,
+        request: Request<pb::CritiqueRequest>,
+    ) -> Result<Response<Self::CritiqueStream>, Status> {
+        let r = request.into_inner();
+        let req = CritiqueRequest {
+            request: r.request,
+            conversation: r
+                .conversation
+                .into_iter()
+                .map(|m| lm::ChatMessage::new(m.role, m.content))
+                .collect(),
+            draft: utf8("draft", r.draft)?,
+            telemetry: r.telemetry.map(|t| TelemetrySummary {
+                bursts: t.bursts,
+                latent_steps: t.latent_steps,
+                mean_entropy: t.mean_entropy,
+                stop_reasons: t.stop_reasons,
+            }),
+        };
+        self.md.validate(&req).map_err(|e| status_of(&e))?;
+        let admitted = self.admit()?;
+        let (tx, rx) = mpsc::channel(64);
+        let md = self.md.clone();
+        let workers = self.workers.clone();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let Ok(_worker) = workers.acquire_owned().await else {
+                return;
+            };
+            let tx2 = tx.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                md.critique(&req, |t| {
+                    let _ = tx2.blocking_send(Ok(pb::CritiqueEvent {
+                        event: Some(pb::critique_event::Event::Token(t.to_string())),
+                    }));
+                })
+            })
+            .await;
+            let last = match result {
+                Ok(Ok(out)) => Ok(pb::CritiqueEvent {
+                    event: Some(pb::critique_event::Event::Result(pb::CritiqueResult {
+                        critique: Some(to_pb(&out.critique)),
+                        json: serde_json::to_string(&out.critique).unwrap_or_default(),
+                        stats: Some(pb::DraftStats {
+                            chars: out.stats.chars as u32,
+                            words: out.stats.words as u32,
+                            distinct_1: out.stats.distinct_1,
+                            distinct_2: out.stats.distinct_2,
+                            distinct_3: out.stats.distinct_3,
+                            longest_repeat: out.stats.longest_repeat as u32,
+                        }),
+                        decode: Some(pb::DecodeStats {
+                            tokens: out.decode.tokens as u32,
+                            forced: out.decode.forced as u32,
+                            millis: out.decode.total_time.as_secs_f64() * 1e3,
+                            mask_micros_per_token: out.decode.mask_micros_per_token(),
+                        }),
+                    })),
+                }),
+                Ok(Err(e)) => Err(status_of(&e)),
+                Err(e) => Err(Status::internal(format!("critique worker failed: {e}"))),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn structure(
+        &self,
+        request: Request<pb::StructureRequest>,
+    ) -> Result<Response<pb::StructureResponse>, Status> {
+        let draft = utf8("draft", request.into_inner().draft)?;
+        let _admitted = self.admit()?;
+        let _worker = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let md = self.md.clone();
+        let (s, _) = tokio::task::spawn_blocking(move || md.structure(&draft, |_| {}))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(pb::StructureResponse {
+            title: s.title,
+            points: s.points,
+            summary: s.summary,
+        }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let lm = self.md.model();
+        Ok(Response::new(pb::InfoResponse {
+            model: lm.name.clone(),
+            architecture: lm.model.config().arch.name().into(),
+            context_length: lm.model.max_context() as u32,
+            quantization: lm.model.quantization().into(),
+            workers: self.n_workers as u32,
+            queue_capacity: self.queue_capacity as u32,
+        }))
+    }
+}
