@@ -104,12 +104,14 @@ impl DecodeStats {
 
 /// Decodes greedily from `logits` (the frontier of `cache`) under `matcher`, at most
 /// `max_tokens`. Returns the text, which the grammar guarantees complete when it stopped.
+/// With `fast_forward`, tokens the grammar forces are fed in one forward without sampling.
 pub fn decode(
     lm: &LoadedModel,
     cache: &mut KvCache,
     mut logits: Vec<f32>,
     matcher: &mut Matcher,
     max_tokens: usize,
+    fast_forward: bool,
     mut on_text: impl FnMut(&str),
 ) -> Result<(String, DecodeStats)> {
     let started = Instant::now();
@@ -158,7 +160,11 @@ pub fn decode(
             .map_err(|e| MajordomoError::Grammar(e.to_string()))?;
         let mut batch = vec![id];
         // Tokens the grammar forces next: feed them with this one, no sampling.
-        let forced = matcher.consume_ff_tokens();
+        let forced = if fast_forward {
+            matcher.consume_ff_tokens()
+        } else {
+            Vec::new()
+        };
         let room = max_tokens.saturating_sub(tokens.len() + 1);
         batch.extend(forced.iter().take(room).filter(|&&t| t != eos));
         stats.forced += batch.len() - 1;

@@ -1,6 +1,7 @@
 //! The majordomo: a sober token-space model that critiques and structures the muse's drafts as
 //! schema-valid JSON (DESIGN.md §5).
 
+pub mod bench;
 pub mod checks;
 pub mod constrained;
 pub mod critique;

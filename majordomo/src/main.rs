@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Critique a draft; prints the structured critique (`--json`: the schema's JSON, one line).
     Critique(CritiqueArgs),
+    /// Constrained vs unconstrained decoding speed on one prompt; prints one JSON object.
+    Bench(BenchArgs),
     /// Serve the majordomo over gRPC (majordomo.v1.Majordomo, health, reflection).
     Serve(majordomo::serve::ServeFlags),
 }
@@ -118,6 +120,35 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print JSON (the only output format; kept for symmetry with `muse bench --json`).
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        lm::threads::set_cpu_threads(n);
+    }
+    anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
+    let lm = lm::LoadedModel::load(&a.model, &lm::LoadOptions::default())
+        .with_context(|| format!("loading --model {}", a.model))?;
+    let md = Majordomo::new(Arc::new(lm))?;
+    let report = majordomo::bench::run(&md, a.repeats)?;
+    let _ = a.json;
+    println!("{report}");
+    Ok(())
+}
+
 fn run_serve(flags: majordomo::serve::ServeFlags) -> Result<()> {
     let cfg =
         majordomo::serve::ServeConfig::load(&flags).context("majordomo serve configuration")?;
@@ -137,6 +168,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Critique(a) => run_critique(a),
         Command::Serve(flags) => run_serve(flags),
+        Command::Bench(a) => run_bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

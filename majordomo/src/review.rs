@@ -90,6 +90,10 @@ pub struct Majordomo {
 }
 
 impl Majordomo {
+    pub fn constrainer(&self) -> &Constrainer {
+        &self.constrainer
+    }
+
     pub fn new(lm: Arc<LoadedModel>) -> Result<Self> {
         let constrainer = Constrainer::new(&lm)?;
         Ok(Self {
@@ -198,7 +202,8 @@ impl Majordomo {
         Ok((s, decode))
     }
 
-    fn critique_prompt(&self, r: &CritiqueRequest) -> Vec<u32> {
+    /// The token ids the model reads for a critique.
+    pub fn critique_prompt(&self, r: &CritiqueRequest) -> Vec<u32> {
         let convo: Vec<String> = r
             .conversation
             .iter()
@@ -248,8 +253,15 @@ impl Majordomo {
         let h = self.lm.model.forward(Input::Tokens(prompt), &mut cache)?;
         let logits = self.lm.model.last_logits(&h)?;
         let budget = max_bytes.min(self.lm.model.max_context() - prompt.len());
-        let (text, stats) =
-            constrained::decode(&self.lm, &mut cache, logits, &mut matcher, budget, on_text)?;
+        let (text, stats) = constrained::decode(
+            &self.lm,
+            &mut cache,
+            logits,
+            &mut matcher,
+            budget,
+            true,
+            on_text,
+        )?;
         if !matcher.is_accepting().unwrap_or(false) {
             return Err(MajordomoError::Grammar(format!(
                 "output incomplete after {} tokens: {text}",
