@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/muse/v1/muse.proto",
         "proto/majordomo/v1/majordomo.proto",
+        "proto/orchestrator/v1/orchestrator.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("descriptor.bin"))

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod chat;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod loaded;
 pub mod model;
 pub mod sampling;

@@ -71,11 +71,7 @@ fn chat_markers_are_single_special_ids_and_user_text_cannot_inject_them() {
 /// position our top token is the reference token, or — only where the reference's own top-1/
 /// top-2 margin is below 0.5 — the reference token is our second.
 fn check_golden(alias: &str) -> f32 {
-    let lm = if std::env::var("GOLDEN_F32").is_ok() {
-        common::dequantized(alias)
-    } else {
-        by_alias(alias)
-    };
+    let lm = by_alias(alias);
     let fx = fixture(&format!("golden_{alias}.json"));
     let mut worst = 0f32;
     let mut failures = Vec::new();

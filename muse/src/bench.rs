@@ -79,7 +79,7 @@ fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize
         let mut client = pb::muse_client::MuseClient::connect(format!("http://{addr}")).await?;
         let mut best = f64::MAX;
         for _ in 0..repeats {
-            let mut s = muse::client::SessionClient::open(&mut client).await?;
+            let mut s = mm_proto::muse_session::SessionClient::open(&mut client).await?;
             let prime = pb::Prime {
                 prompt: Some(pb::prime::Prompt::Tokens(pb::TokenIds {
                     ids: latent_prompt(ids),

@@ -1,6 +1,5 @@
 //! The muse: a language model that dreams in latent steps (DESIGN.md §4).
 
-pub mod client;
 pub mod convert;
 pub mod dream;
 pub mod serve;

@@ -3,7 +3,7 @@
 //! message naming the field; limits answer RESOURCE_EXHAUSTED; closing frees the session.
 
 use mm_proto::muse::v1 as pb;
-use muse::client::SessionClient;
+use mm_proto::muse_session::SessionClient;
 use pb::client_command::Command as C;
 use pb::muse_client::MuseClient;
 use pb::server_event::Event as E;

@@ -12,5 +12,13 @@ pub mod majordomo {
     }
 }
 
+pub mod orchestrator {
+    pub mod v1 {
+        tonic::include_proto!("orchestrator.v1");
+    }
+}
+
+pub mod muse_session;
+
 /// Encoded descriptors of every service, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -1,12 +1,17 @@
 //! Linear layers over quantized (GGUF) or dense (safetensors) weights.
 
-use crate::error::Result;
+use crate::error::{LmError, Result};
+use crate::kernels::{KernelPool, QType, QWeight};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
+    /// Our AVX2 kernels (CPU): Q4_0, Q4_1, Q5_0, Q8_0 in their GGUF bytes, exactly as ggml
+    /// computes them (activations quantized to Q8_0/Q8_1 per row).
+    Kernel(QWeight),
+    /// candle's quantized matmul (k-quants, and every type off the CPU).
     Quantized(QMatMul),
     /// `[out, in]`, already in the activation dtype.
     Dense(Tensor),
@@ -18,18 +23,33 @@ pub(crate) struct Linear {
     bias: Option<Tensor>,
 }
 
-/// GGML types whose CPU dot product candle runs with a scalar loop (CANDLE-NOTES.md): 3–5×
-/// slower than Q8_0. They are re-quantized to Q8_0 at load (+~60% weight memory for Q4_1).
-/// Q4_1 → Q4_0 would be smaller but measurably damages the output.
+/// Types our kernels run; candle runs Q4_1 and Q5_0 with a scalar loop (CANDLE-NOTES.md).
+fn kernel_type(dtype: GgmlDType) -> Option<QType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(QType::Q4_0),
+        GgmlDType::Q4_1 => Some(QType::Q4_1),
+        GgmlDType::Q5_0 => Some(QType::Q5_0),
+        GgmlDType::Q8_0 => Some(QType::Q8_0),
+        _ => None,
+    }
+}
+
+/// The remaining types candle runs with a scalar loop: re-quantized to Q8_0 at load.
 fn slow_on_cpu(dtype: GgmlDType) -> bool {
-    matches!(
-        dtype,
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
-    )
+    matches!(dtype, GgmlDType::Q5_1 | GgmlDType::Q8_1)
 }
 
 impl Linear {
     pub(crate) fn quantized(q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        if let (true, Some(kind)) = (q.device().is_cpu(), kernel_type(q.dtype())) {
+            let (rows, cols) = q.shape().dims2()?;
+            let w = QWeight::new(kind, rows, cols, q.data()?.into_owned())
+                .map_err(|e| LmError::InvalidInput(format!("weight layout: {e}")))?;
+            return Ok(Self {
+                weight: Weight::Kernel(w),
+                bias,
+            });
+        }
         let q = if q.device().is_cpu() && slow_on_cpu(q.dtype()) {
             let dense = q.dequantize(&q.device())?;
             Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
@@ -52,6 +72,14 @@ impl Linear {
     /// `x: [n, in] -> [n, out]`
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            Weight::Kernel(w) => {
+                let (n, k) = x.dims2()?;
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let mut out = vec![0f32; n * w.rows()];
+                debug_assert_eq!(k, w.cols());
+                w.matmul(KernelPool::global(), &xs, n, &mut out);
+                Tensor::from_vec(out, (n, w.rows()), x.device())?
+            }
             Weight::Quantized(m) => m.forward(x)?,
             Weight::Dense(w) => x.matmul(&w.t()?)?,
         };
@@ -64,6 +92,7 @@ impl Linear {
     /// Bytes of weight read per forward row: for bandwidth figures.
     pub(crate) fn weight_bytes(&self) -> usize {
         match &self.weight {
+            Weight::Kernel(w) => w.bytes().len(),
             Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Weight::Dense(t) => {
                 t.elem_count() * t.dtype().size_in_bytes()

@@ -1,7 +1,7 @@
-//! A small client for one muse session stream: send a command, collect its events. Used by
-//! `muse bench` and the tests; the orchestrator has its own, richer one.
+//! A client for one muse session stream: send a command, collect its events up to the one
+//! that ends it. Shared by the orchestrator, `muse bench` and the tests.
 
-use mm_proto::muse::v1 as pb;
+use crate::muse::v1 as pb;
 use pb::client_command::Command;
 use pb::muse_client::MuseClient;
 use pb::server_event::Event;
@@ -36,6 +36,16 @@ impl SessionClient {
 
     /// Sends `command` and returns its events, the final one (done, error, closed) last.
     pub async fn run(&mut self, command: Command) -> Result<Vec<Event>, tonic::Status> {
+        self.run_with(command, |_| true).await
+    }
+
+    /// Like [`run`](Self::run), handing each intermediate event (latent step, token) to
+    /// `on_event` as it arrives; `on_event` returning false abandons the command.
+    pub async fn run_with(
+        &mut self,
+        command: Command,
+        mut on_event: impl FnMut(&Event) -> bool,
+    ) -> Result<Vec<Event>, tonic::Status> {
         let rid = self.next;
         self.next += 1;
         self.tx
@@ -49,6 +59,9 @@ impl SessionClient {
         while let Some(ev) = self.rx.message().await? {
             let Some(e) = ev.event else { continue };
             let last = is_final(&e);
+            if !last && !on_event(&e) {
+                return Err(tonic::Status::cancelled("abandoned by the caller"));
+            }
             events.push(e);
             if last {
                 return Ok(events);
