@@ -222,7 +222,7 @@ pub fn burst(
     let rms_e = emb.mean_row_rms();
     let norm_limit = params.max_norm_ratio * rms_e * (emb.hidden() as f32).sqrt();
     let sampling = params.sampling();
-    let mut prev_full: Option<Vec<f32>> = None;
+    let mut prev: Option<Scaled> = None;
     let mut cold = 0usize;
     let mut entropies = Vec::new();
     let start_pos = cache.len();
@@ -233,13 +233,13 @@ pub fn burst(
             break;
         }
         let t0 = Instant::now();
-        let full = sampling::full_softmax(&frontier.logits, &sampling, &[]);
-        let kept = sampling::truncate(&full, &sampling);
+        let (scaled, full_entropy, kl) =
+            Scaled::new(&frontier.logits, params.temperature, prev.as_ref());
+        let kept = scaled.keep(&sampling, full_entropy);
         let kept_entropy = kept.entropy();
         let mixed = add_noise(&kept, params, &mut rng);
         let e = latent_vector(lm, frontier, &mixed, params, rms_e, &mut rng)?;
         let norm = e.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        let kl = prev_full.as_ref().map(|prev| kl_divergence(&full, prev));
         entropies.push(kept_entropy);
         let mut record = LatentStep {
             step,
@@ -266,7 +266,7 @@ pub fn burst(
             record.nearest = Some((token_text(lm, id), id, cos));
         }
         *frontier = Frontier::advance(lm, cache, Input::Vectors(&e))?;
-        prev_full = Some(full);
+        prev = Some(scaled);
         if !emit(&mut record, t0, params, &mut on_step) {
             stop = StopReason::Cancelled;
             break;
@@ -388,14 +388,114 @@ fn latent_vector(
     Ok(e)
 }
 
-/// `KL(p ‖ q)` in nats over full distributions.
-pub fn kl_divergence(p: &[f32], q: &[f32]) -> f32 {
-    p.iter()
-        .zip(q)
-        .filter(|(&a, _)| a > 0.0)
-        .map(|(&a, &b)| a * (a / b.max(1e-30)).ln())
-        .sum::<f32>()
-        .max(0.0)
+/// Temperature-scaled logits `z = l / T` and `log Z = log Σ exp z`: the full distribution
+/// `p = exp(z − log Z)` without materialising it. Entropy and KL then need one `exp` per
+/// vocabulary entry and no `ln` (`H = log Z − Σ p·z`), which keeps a latent step on a 262k
+/// vocabulary as cheap as a token step.
+struct Scaled {
+    z: Vec<f32>,
+    log_z: f32,
+    greedy: bool,
+}
+
+impl Scaled {
+    /// Scales, and in the same single `exp` pass measures the full distribution: its
+    /// entropy, and `KL(p ‖ p_prev)` when a previous step is given.
+    fn new(logits: &[f32], temperature: f32, prev: Option<&Scaled>) -> (Self, f32, Option<f32>) {
+        let greedy = temperature == 0.0;
+        let inv_t = if greedy { 1.0 } else { 1.0 / temperature };
+        let z: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mut sum, mut ez, mut ediff) = (0f64, 0f64, 0f64);
+        for (i, &x) in z.iter().enumerate() {
+            let e = (x - max).exp() as f64;
+            sum += e;
+            ez += e * x as f64;
+            if let Some(q) = prev {
+                ediff += e * (x - q.z[i]) as f64;
+            }
+        }
+        let log_z = max as f64 + sum.ln();
+        let entropy = (log_z - ez / sum).max(0.0) as f32;
+        let kl = prev.map(|q| (ediff / sum - log_z + q.log_z as f64).max(0.0) as f32);
+        (
+            Self {
+                z,
+                log_z: log_z as f32,
+                greedy,
+            },
+            entropy,
+            kl,
+        )
+    }
+
+    /// The kept distribution: top-k by a bounded heap (no sort of the vocabulary), then top-p
+    /// and min-p, renormalised.
+    fn keep(&self, params: &SamplingParams, full_entropy: f32) -> Distribution {
+        if self.greedy {
+            return Distribution {
+                ids: vec![sampling::argmax(&self.z)],
+                probs: vec![1.0],
+                full_entropy,
+            };
+        }
+        let k = params.top_k.clamp(1, self.z.len());
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(OrdF32, u32)>> =
+            std::collections::BinaryHeap::with_capacity(k + 1);
+        for (i, &z) in self.z.iter().enumerate() {
+            if heap.len() < k {
+                heap.push(std::cmp::Reverse((OrdF32(z), i as u32)));
+            } else if z > heap.peek().expect("k >= 1").0 .0 .0 {
+                heap.pop();
+                heap.push(std::cmp::Reverse((OrdF32(z), i as u32)));
+            }
+        }
+        let mut top: Vec<(f32, u32)> = heap
+            .into_iter()
+            .map(|std::cmp::Reverse((z, i))| (z.0, i))
+            .collect();
+        top.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let full: Vec<f32> = top.iter().map(|&(z, _)| (z - self.log_z).exp()).collect();
+        let mut keep = top.len();
+        if params.top_p < 1.0 {
+            let mut acc = 0f32;
+            for (i, p) in full.iter().enumerate() {
+                acc += p;
+                if acc >= params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if params.min_p > 0.0 {
+            let floor = params.min_p * full[0];
+            keep = keep.min(full.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        let sum: f32 = full[..keep].iter().sum();
+        Distribution {
+            ids: top[..keep].iter().map(|&(_, i)| i).collect(),
+            probs: full[..keep].iter().map(|p| p / sum).collect(),
+            full_entropy,
+        }
+    }
+}
+
+/// A float with a total order, for the top-k heap.
+#[derive(Clone, Copy, PartialEq)]
+struct OrdF32(f32);
+
+impl Eq for OrdF32 {}
+
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for OrdF32 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 fn top_tokens(lm: &LoadedModel, d: &Distribution, n: usize) -> Vec<TopToken> {
