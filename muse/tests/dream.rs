@@ -65,7 +65,14 @@ fn first_latent_step_is_the_next_token_distribution() {
     for (t, p) in steps[0].top.iter().zip(&want.probs) {
         assert!((t.p - p).abs() < 1e-6, "{} vs {p}", t.p);
     }
-    assert!((steps[0].entropy_full - want.full_entropy).abs() < 1e-5);
+    // Same quantity, summed differently (log Z − E[z] in f64 against −Σ p ln p in f32).
+    let d = (steps[0].entropy_full - want.full_entropy).abs();
+    assert!(
+        d < 1e-4 * want.full_entropy.max(1.0),
+        "entropy {} vs {}",
+        steps[0].entropy_full,
+        want.full_entropy
+    );
 }
 
 #[test]
