@@ -1,1 +1,283 @@
-fn main() {}
+//! `mm`: the muse–majordomo command line. `mm up` starts the three services locally, `mm run`
+//! runs one turn (starting them itself when no orchestrator is given), `mm chat` talks,
+//! `mm sessions` lists, `mm serve` is the orchestrator service.
+
+mod local;
+mod render;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mm_proto::orchestrator::v1 as pb;
+use orchestrator::config::{Config, Flags};
+use pb::orchestrator_client::OrchestratorClient;
+use std::io::{BufRead, Write};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "mm",
+    version,
+    about = "A dreaming muse and a sober majordomo, in conversation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the orchestrator API (orchestrator.v1, health, reflection).
+    Serve(Flags),
+    /// Start muse, majordomo and orchestrator locally (loopback, default models) until ctrl-c.
+    Up(UpArgs),
+    /// One turn in a new session; prints the reply (`--json`: the turn's events as JSON lines).
+    Run(RunArgs),
+    /// An interactive session.
+    Chat(ChatArgs),
+    /// List the sessions.
+    Sessions(ClientArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    /// Muse model (alias, hf:..., or path).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub muse_model: String,
+    /// Majordomo model.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub majordomo_model: String,
+    /// Orchestrator address (the services get free ports).
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    pub listen: String,
+    /// The session store.
+    #[arg(long, default_value = "mm-data/sessions.redb")]
+    pub store: std::path::PathBuf,
+    /// CPU threads per model service.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// A running orchestrator (default: start the services locally for this command).
+    #[arg(long, env = "MM_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    #[command(flatten)]
+    up: UpArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// What to ask the muse.
+    prompt: String,
+    /// Print every event of the turn as a JSON line instead of the reply.
+    #[arg(long)]
+    json: bool,
+    /// Latent steps reported: quiet, sampled or full.
+    #[arg(long, default_value = "sampled", value_parser = ["quiet", "sampled", "full"])]
+    verbosity: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Continue this session instead of starting one.
+    #[arg(long)]
+    session: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn verbosity(s: &str) -> pb::Verbosity {
+    match s {
+        "quiet" => pb::Verbosity::Quiet,
+        "full" => pb::Verbosity::Full,
+        _ => pb::Verbosity::Sampled,
+    }
+}
+
+/// Connects to `--orchestrator`, or starts the services locally (kept alive by the guard).
+async fn connect(c: &ClientArgs) -> Result<(OrchestratorClient<Channel>, Option<local::Services>)> {
+    let (addr, guard) = match &c.orchestrator {
+        Some(a) => (a.clone(), None),
+        None => {
+            let mut up = c.up.clone();
+            up.listen = "127.0.0.1:0".into();
+            let services = local::Services::start(&up).await?;
+            (services.orchestrator.clone(), Some(services))
+        }
+    };
+    let client = OrchestratorClient::connect(addr.clone())
+        .await
+        .with_context(|| format!("connecting to the orchestrator at {addr}"))?;
+    Ok((client, guard))
+}
+
+async fn run_turn(
+    client: &mut OrchestratorClient<Channel>,
+    session: &str,
+    message: &str,
+    v: pb::Verbosity,
+    mut on: impl FnMut(&pb::turn_event::Event),
+) -> Result<Option<String>> {
+    let req = pb::TurnRequest {
+        session_id: session.into(),
+        message: message.into(),
+        verbosity: v as i32,
+    };
+    let mut stream = client
+        .turn(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut reply = None;
+    while let Some(ev) = stream.message().await? {
+        let Some(e) = ev.event else { continue };
+        on(&e);
+        match e {
+            pb::turn_event::Event::Reply(r) => reply = Some(r.text),
+            pb::turn_event::Event::Error(err) => anyhow::bail!(
+                "turn failed ({}): {}",
+                tonic::Code::from(err.code),
+                err.message
+            ),
+            _ => {}
+        }
+    }
+    Ok(reply)
+}
+
+async fn cmd_run(a: RunArgs) -> Result<()> {
+    anyhow::ensure!(
+        !a.prompt.trim().is_empty(),
+        "the prompt is empty: mm run \"<what to ask>\""
+    );
+    let (mut client, _services) = connect(&a.client).await?;
+    let session = client
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let json = a.json;
+    let reply = run_turn(
+        &mut client,
+        &session.id,
+        &a.prompt,
+        verbosity(&a.verbosity),
+        |e| {
+            if json {
+                println!("{}", render::event_json(e));
+            } else {
+                eprint!("{}", render::compact(e));
+            }
+        },
+    )
+    .await?;
+    if !json {
+        println!("{}", reply.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let (mut client, _services) = connect(&a.client).await?;
+    let id = match a.session {
+        Some(id) => {
+            client
+                .get_session(pb::GetSessionRequest {
+                    session_id: id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()
+                .id
+        }
+        None => {
+            client
+                .create_session(pb::CreateSessionRequest::default())
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()
+                .id
+        }
+    };
+    eprintln!("session {id} — type a message, empty line or ctrl-d to leave");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("you> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        match run_turn(&mut client, &id, line.trim(), pb::Verbosity::Full, |e| {
+            eprint!("{}", render::compact(e))
+        })
+        .await
+        {
+            Ok(reply) => println!("muse> {}", reply.unwrap_or_default()),
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+async fn cmd_sessions(a: ClientArgs) -> Result<()> {
+    let (mut client, _services) = connect(&a).await?;
+    let list = client
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    for s in list.sessions {
+        let roles = s.roles.unwrap_or_default();
+        println!(
+            "{}  {} turns  muse={} majordomo={}",
+            s.id, s.turn_count, roles.muse, roles.majordomo
+        );
+    }
+    Ok(())
+}
+
+async fn cmd_up(a: UpArgs) -> Result<()> {
+    let services = local::Services::start(&a).await?;
+    eprintln!(
+        "orchestrator at {} (muse {}, majordomo {}); ctrl-c to stop",
+        services.orchestrator, services.muse, services.majordomo
+    );
+    println!("{}", services.orchestrator);
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+async fn cmd_serve(flags: Flags) -> Result<()> {
+    let cfg = Config::load(&flags).context("mm serve configuration")?;
+    orchestrator::service::serve(cfg).await
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        match Cli::parse().command {
+            Command::Serve(f) => cmd_serve(f).await,
+            Command::Up(a) => cmd_up(a).await,
+            Command::Run(a) => cmd_run(a).await,
+            Command::Chat(a) => cmd_chat(a).await,
+            Command::Sessions(a) => cmd_sessions(a).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

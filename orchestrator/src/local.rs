@@ -1,0 +1,111 @@
+//! The embedded default: muse, majordomo and orchestrator as separate processes on loopback,
+//! started from the binaries beside `mm`, stopped when dropped.
+
+use crate::UpArgs;
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub struct Services {
+    children: Vec<Child>,
+    pub muse: String,
+    pub majordomo: String,
+    pub orchestrator: String,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `bin args…`, waits for its `listening on ADDR` line, returns the child and `http://ADDR`.
+fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let path = dir.join(bin);
+    let mut child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (build the workspace: cargo build --release)",
+                path.display()
+            )
+        })?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    match line.trim().strip_prefix("listening on ") {
+        Some(addr) => Ok((child, format!("http://{addr}"))),
+        None => {
+            let status = child.wait()?;
+            anyhow::bail!("{bin} did not start ({status}); see its message above")
+        }
+    }
+}
+
+impl Services {
+    pub async fn start(a: &UpArgs) -> Result<Self> {
+        let threads: Vec<String> = a
+            .threads
+            .map(|t| vec!["--threads".into(), t.to_string()])
+            .unwrap_or_default();
+        let args = |model: &str| -> Vec<String> {
+            let mut v = vec![
+                "serve".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.into(),
+            ];
+            v.extend(threads.iter().cloned());
+            v
+        };
+        eprintln!(
+            "starting the muse ({}) and the majordomo ({}); models are fetched on first use…",
+            a.muse_model, a.majordomo_model
+        );
+        let (mc, muse) = tokio::task::spawn_blocking({
+            let a = args(&a.muse_model);
+            move || spawn("muse", &a)
+        })
+        .await??;
+        let mut s = Services {
+            children: vec![mc],
+            muse,
+            majordomo: String::new(),
+            orchestrator: String::new(),
+        };
+        let (dc, majordomo) = tokio::task::spawn_blocking({
+            let a = args(&a.majordomo_model);
+            move || spawn("majordomo", &a)
+        })
+        .await??;
+        s.children.push(dc);
+        s.majordomo = majordomo;
+        let orch_args = vec![
+            "serve".into(),
+            "--listen".into(),
+            a.listen.clone(),
+            "--store".into(),
+            a.store.display().to_string(),
+            "--muse".into(),
+            s.muse.clone(),
+            "--majordomo".into(),
+            s.majordomo.clone(),
+        ];
+        let (oc, orchestrator) =
+            tokio::task::spawn_blocking(move || spawn("mm", &orch_args)).await??;
+        s.children.push(oc);
+        s.orchestrator = orchestrator;
+        Ok(s)
+    }
+}

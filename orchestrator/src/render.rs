@@ -1,0 +1,69 @@
+//! How turn events look to people (compact, on stderr) and to programs (JSON lines).
+
+use mm_proto::orchestrator::v1 as pb;
+use pb::turn_event::Event as E;
+use serde_json::json;
+
+const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// A bar for an entropy in nats (0 … ~5).
+fn spark(entropy: f32) -> char {
+    SPARKS[((entropy / 5.0 * 7.0).round().clamp(0.0, 7.0)) as usize]
+}
+
+pub fn compact(e: &E) -> String {
+    match e {
+        E::Started(s) => format!("· turn {} on {}\n", s.turn + 1, s.muse_replica),
+        E::LatentStep(l) => {
+            let top: Vec<String> = l
+                .top
+                .iter()
+                .take(2)
+                .map(|t| format!("{:?} {:.2}", t.text, t.p))
+                .collect();
+            format!(
+                "  {} step {:>2} H={:.2} {}\n",
+                spark(l.entropy),
+                l.step + 1,
+                l.entropy,
+                top.join(" ")
+            )
+        }
+        E::Commit(c) => format!("  draft: {}\n", c.text.replace('\n', " ")),
+        E::Critique(c) => format!("  majordomo: {}\n", c.verdict),
+        E::Revision(r) => format!(
+            "  revising: noise {:.2}, {} steps ({})\n",
+            r.noise, r.steps, r.reason
+        ),
+        E::Failover(f) => format!(
+            "  failover: {} → {} ({})\n",
+            f.from_replica, f.to_replica, f.reason
+        ),
+        E::Reply(_) | E::Error(_) => String::new(),
+    }
+}
+
+pub fn event_json(e: &E) -> serde_json::Value {
+    match e {
+        E::Started(s) => {
+            json!({"type": "started", "turn": s.turn, "muse_replica": s.muse_replica, "muse_model": s.roles.as_ref().map(|r| r.muse.clone())})
+        }
+        E::LatentStep(l) => {
+            json!({"type": "latent_step", "attempt": l.attempt, "burst": l.burst, "step": l.step, "entropy": l.entropy, "norm": l.norm,
+            "top": l.top.iter().map(|t| json!({"text": t.text, "p": t.p})).collect::<Vec<_>>()})
+        }
+        E::Commit(c) => json!({"type": "commit", "attempt": c.attempt, "text": c.text}),
+        E::Critique(c) => json!({"type": "critique", "attempt": c.attempt, "verdict": c.verdict,
+            "critique": serde_json::from_str::<serde_json::Value>(&c.json).unwrap_or(serde_json::Value::Null)}),
+        E::Revision(r) => {
+            json!({"type": "revision", "next_attempt": r.next_attempt, "noise": r.noise, "steps": r.steps, "reason": r.reason})
+        }
+        E::Reply(r) => {
+            json!({"type": "reply", "turn": r.turn, "attempt": r.attempt, "text": r.text})
+        }
+        E::Failover(f) => {
+            json!({"type": "failover", "from": f.from_replica, "to": f.to_replica, "reason": f.reason})
+        }
+        E::Error(err) => json!({"type": "error", "code": err.code, "message": err.message}),
+    }
+}

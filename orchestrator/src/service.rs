@@ -1,0 +1,400 @@
+//! The client API (`orchestrator.v1.Orchestrator`).
+
+use crate::config::Config;
+use crate::pipeline::{self, TurnContext};
+use crate::replicas::{Pool, Role};
+use crate::store::Store;
+use mm_proto::orchestrator::v1 as pb;
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+
+pub struct Shared {
+    pub cfg: Config,
+    pub store: Store,
+    pub muse: Pool,
+    pub majordomo: Pool,
+    turns: Arc<Semaphore>,
+    /// Sessions with a turn in progress: one turn per session at a time.
+    busy: Mutex<HashSet<String>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct OrchestratorService {
+    shared: Arc<Shared>,
+}
+
+fn store_err(e: crate::store::StoreError) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl OrchestratorService {
+    pub fn new(cfg: Config) -> anyhow::Result<Self> {
+        let store = Store::open(&cfg.store)?;
+        let muse = Pool::new(Role::Muse, &cfg.muse, cfg.per_replica)?;
+        let majordomo = Pool::new(Role::Majordomo, &cfg.majordomo, cfg.per_replica)?;
+        let turns = Arc::new(Semaphore::new(cfg.max_turns));
+        let shared = Shared {
+            cfg,
+            store,
+            muse,
+            majordomo,
+            turns,
+            busy: Mutex::new(HashSet::new()),
+            next_id: 0.into(),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Health-checks every replica now, then every `health_interval_s` in the background.
+    pub async fn start_health_checks(&self) {
+        let s = self.shared.clone();
+        let timeout = Duration::from_secs(1);
+        s.muse.check_all(timeout).await;
+        s.majordomo.check_all(timeout).await;
+        let interval = Duration::from_secs(s.cfg.health_interval_s.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                s.muse.check_all(timeout).await;
+                s.majordomo.check_all(timeout).await;
+            }
+        });
+    }
+
+    pub fn into_server(self) -> pb::orchestrator_server::OrchestratorServer<Self> {
+        pb::orchestrator_server::OrchestratorServer::new(self)
+    }
+
+    fn load(&self, id: &str) -> Result<pb::Session, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("session_id is empty"));
+        }
+        self.shared
+            .store
+            .get(id)
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown session `{id}`: list sessions with ListSessions"
+                ))
+            })
+    }
+
+    /// Fills empty roles with the first healthy replica's model; refuses models no replica serves.
+    fn resolve_roles(
+        &self,
+        wanted: Option<pb::Roles>,
+        current: Option<&pb::Roles>,
+    ) -> Result<pb::Roles, Status> {
+        let wanted = wanted.unwrap_or_default();
+        let pick = |field: &str,
+                    want: &str,
+                    current: Option<&str>,
+                    pool: &Pool|
+         -> Result<String, Status> {
+            let models = pool.models();
+            let want = if want.is_empty() {
+                current.unwrap_or_default().to_string()
+            } else {
+                want.to_string()
+            };
+            if want.is_empty() {
+                return models.first().cloned().ok_or_else(|| {
+                    Status::unavailable(format!("no healthy {field} replica to take the role"))
+                });
+            }
+            if !models.contains(&want) {
+                return Err(Status::failed_precondition(format!(
+                    "roles.{field} `{want}` is not served by any healthy replica (served: {})",
+                    if models.is_empty() {
+                        "none".to_string()
+                    } else {
+                        models.join(", ")
+                    }
+                )));
+            }
+            Ok(want)
+        };
+        Ok(pb::Roles {
+            muse: pick(
+                "muse",
+                &wanted.muse,
+                current.map(|r| r.muse.as_str()),
+                &self.shared.muse,
+            )?,
+            majordomo: pick(
+                "majordomo",
+                &wanted.majordomo,
+                current.map(|r| r.majordomo.as_str()),
+                &self.shared.majordomo,
+            )?,
+        })
+    }
+
+    fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<pb::DreamPolicy, Status> {
+        let d = &self.shared.cfg.policy;
+        let p = p.unwrap_or_default();
+        let pick = |v: u32, def: u32| if v == 0 { def } else { v };
+        let pickf = |v: f32, def: f32| if v == 0.0 { def } else { v };
+        let out = pb::DreamPolicy {
+            bursts: pick(p.bursts, d.bursts),
+            steps: pick(p.steps, d.steps),
+            commit_tokens: pick(p.commit_tokens, d.commit_tokens),
+            noise: pickf(p.noise, d.noise),
+            gumbel_tau: pickf(p.gumbel_tau, d.gumbel_tau),
+            temperature: pickf(p.temperature, d.temperature),
+            adaptive: p.adaptive,
+            max_attempts: pick(p.max_attempts, d.max_attempts),
+            critique_each_segment: p.critique_each_segment,
+            seed: p.seed,
+        };
+        let bad = |m: &str| Err(Status::invalid_argument(m.to_string()));
+        if out.bursts > 16 || out.steps > 256 || out.commit_tokens > 512 || out.max_attempts > 5 {
+            return bad("policy out of range: bursts <= 16, steps <= 256, commit_tokens <= 512, max_attempts <= 5");
+        }
+        if !out.noise.is_finite()
+            || out.noise < 0.0
+            || !out.gumbel_tau.is_finite()
+            || out.gumbel_tau < 0.0
+            || !out.temperature.is_finite()
+            || out.temperature < 0.0
+        {
+            return bad(
+                "policy.noise, policy.gumbel_tau and policy.temperature must be finite and >= 0",
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn without_turns(mut s: pb::Session) -> pb::Session {
+    s.turn_count = s.turns.len() as u32;
+    s.turns.clear();
+    s
+}
+
+type TurnStream = Pin<Box<dyn Stream<Item = Result<pb::TurnEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::orchestrator_server::Orchestrator for OrchestratorService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let r = request.into_inner();
+        let roles = self.resolve_roles(r.roles, None)?;
+        let policy = self.policy(r.policy)?;
+        let n = self
+            .shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{:x}{:04x}", pipeline::now_ms(), n & 0xffff);
+        let s = pb::Session {
+            id,
+            roles: Some(roles),
+            policy: Some(policy),
+            created_unix_ms: pipeline::now_ms(),
+            ..Default::default()
+        };
+        self.shared.store.put(&s).map_err(store_err)?;
+        Ok(Response::new(s))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let mut s = self.load(&request.into_inner().session_id)?;
+        s.turn_count = s.turns.len() as u32;
+        Ok(Response::new(s))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let sessions = self
+            .shared
+            .store
+            .list()
+            .map_err(store_err)?
+            .into_iter()
+            .map(without_turns)
+            .collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let id = request.into_inner().session_id;
+        if self.shared.busy.lock().expect("busy lock").contains(&id) {
+            return Err(Status::failed_precondition(format!(
+                "session `{id}` has a turn in progress: delete it when the turn ends"
+            )));
+        }
+        if !self.shared.store.delete(&id).map_err(store_err)? {
+            return Err(Status::not_found(format!("unknown session `{id}`")));
+        }
+        Ok(Response::new(pb::DeleteSessionResponse {}))
+    }
+
+    async fn set_roles(
+        &self,
+        request: Request<pb::SetRolesRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let r = request.into_inner();
+        let mut s = self.load(&r.session_id)?;
+        let roles = self.resolve_roles(r.roles, s.roles.as_ref())?;
+        s.roles = Some(roles);
+        self.shared.store.put(&s).map_err(store_err)?;
+        Ok(Response::new(without_turns(s)))
+    }
+
+    type TurnStream = TurnStream;
+
+    async fn turn(
+        &self,
+        request: Request<pb::TurnRequest>,
+    ) -> Result<Response<Self::TurnStream>, Status> {
+        let r = request.into_inner();
+        let message = r.message.trim().to_string();
+        if message.is_empty() {
+            return Err(Status::invalid_argument(
+                "message is empty: say something to the muse",
+            ));
+        }
+        let max = self.shared.cfg.max_message_chars;
+        if message.chars().count() > max {
+            return Err(Status::invalid_argument(format!(
+                "message is longer than {max} characters"
+            )));
+        }
+        let session = self.load(&r.session_id)?;
+        let permit = self.shared.turns.clone().try_acquire_owned().map_err(|_| {
+            let mut s = Status::resource_exhausted(format!(
+                "{} turns are running (max_turns): retry in a few seconds",
+                self.shared.cfg.max_turns
+            ));
+            s.metadata_mut()
+                .insert("retry-after-ms", "2000".parse().expect("ascii"));
+            s
+        })?;
+        if !self
+            .shared
+            .busy
+            .lock()
+            .expect("busy lock")
+            .insert(session.id.clone())
+        {
+            return Err(Status::failed_precondition(format!(
+                "session `{}` already has a turn in progress",
+                session.id
+            )));
+        }
+        let verbosity = pb::Verbosity::try_from(r.verbosity).unwrap_or(pb::Verbosity::Sampled);
+        let (tx, rx) = mpsc::channel(256);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let id = session.id.clone();
+            let ctx = TurnContext {
+                muse: &shared.muse,
+                majordomo: &shared.majordomo,
+                call_timeout: Duration::from_secs(shared.cfg.call_timeout_s),
+                history_chars: shared.cfg.history_chars,
+                events: tx.clone(),
+                verbosity,
+            };
+            let result = pipeline::run_turn(&ctx, &session, &message).await;
+            let outcome = match result {
+                Ok(turn) => {
+                    // Re-read: SetRoles may have changed the session meanwhile; the turn is appended.
+                    let persisted = shared
+                        .store
+                        .get(&id)
+                        .map_err(store_err)
+                        .and_then(|s| {
+                            s.ok_or_else(|| {
+                                Status::not_found(format!(
+                                    "session `{id}` was deleted during the turn"
+                                ))
+                            })
+                        })
+                        .and_then(|mut s| {
+                            let reply = pb::Reply {
+                                turn: turn.index,
+                                text: turn.reply.clone(),
+                                attempt: turn.chosen_attempt,
+                            };
+                            s.turns.push(turn);
+                            shared.store.put(&s).map_err(store_err)?;
+                            Ok(reply)
+                        });
+                    persisted.map(|reply| pb::TurnEvent {
+                        event: Some(pb::turn_event::Event::Reply(reply)),
+                    })
+                }
+                Err(e) => Err(e),
+            };
+            shared.busy.lock().expect("busy lock").remove(&id);
+            let last = match outcome {
+                Ok(ev) => Ok(ev),
+                Err(e) => {
+                    tracing::warn!(session = id, error = %e, "turn failed");
+                    Ok(pb::TurnEvent {
+                        event: Some(pb::turn_event::Event::Error(pb::TurnError {
+                            code: e.code() as i32,
+                            message: e.message().to_string(),
+                        })),
+                    })
+                }
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves the orchestrator until ctrl-c. Prints `listening on <addr>` on stdout once ready.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listen = cfg.listen.clone();
+    let service = OrchestratorService::new(cfg)?;
+    service.start_health_checks().await;
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    let addr = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::orchestrator_server::OrchestratorServer<OrchestratorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mm_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    println!("listening on {addr}");
+    tracing::info!(%addr, "orchestrator serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
+        .await?;
+    Ok(())
+}
