@@ -1,0 +1,445 @@
+//! The whole system on loopback: muse and majordomo replicas and the orchestrator as separate
+//! processes with the real default models. Conversations persist, roles swap, a killed muse is
+//! failed over, a restarted orchestrator resumes, many sessions run at once, and bad requests
+//! get a clear status.
+
+use mm_proto::orchestrator::v1 as pb;
+use pb::orchestrator_client::OrchestratorClient;
+use pb::turn_event::Event as E;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use tonic::transport::Channel;
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin(name: &str) -> std::path::PathBuf {
+    // Sibling binaries of this package's `mm` (cargo builds the workspace's binaries together).
+    Path::new(env!("CARGO_BIN_EXE_mm")).with_file_name(name)
+}
+
+fn spawn(name: &str, args: &[&str]) -> Proc {
+    let mut child = Command::new(bin(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{name}: {line:?}"))
+        .to_string();
+    Proc {
+        child,
+        addr: format!("http://{addr}"),
+    }
+}
+
+fn muse(model: &str) -> Proc {
+    spawn(
+        "muse",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            model,
+            "--threads",
+            "2",
+            "--max-context",
+            "2048",
+        ],
+    )
+}
+
+fn majordomo() -> Proc {
+    spawn(
+        "majordomo",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--queue-capacity",
+            "64",
+        ],
+    )
+}
+
+fn orchestrator(store: &Path, muses: &[&Proc], md: &Proc) -> Proc {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--store".into(),
+        store.display().to_string(),
+    ];
+    for m in muses {
+        args.extend(["--muse".into(), m.addr.clone()]);
+    }
+    args.extend(["--majordomo".into(), md.addr.clone()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn("mm", &refs)
+}
+
+async fn client(p: &Proc) -> OrchestratorClient<Channel> {
+    OrchestratorClient::connect(p.addr.clone()).await.unwrap()
+}
+
+fn quick() -> pb::DreamPolicy {
+    pb::DreamPolicy {
+        bursts: 2,
+        steps: 3,
+        commit_tokens: 12,
+        max_attempts: 1,
+        ..Default::default()
+    }
+}
+
+async fn session(c: &mut OrchestratorClient<Channel>, muse_model: &str) -> pb::Session {
+    let roles = pb::Roles {
+        muse: muse_model.into(),
+        majordomo: String::new(),
+    };
+    c.create_session(pb::CreateSessionRequest {
+        roles: Some(roles),
+        policy: Some(quick()),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Runs a turn; returns its events (the reply last) or the error it ended with.
+async fn turn(
+    c: &mut OrchestratorClient<Channel>,
+    id: &str,
+    msg: &str,
+    mut on: impl FnMut(&E),
+) -> Result<Vec<E>, pb::TurnError> {
+    let req = pb::TurnRequest {
+        session_id: id.into(),
+        message: msg.into(),
+        verbosity: pb::Verbosity::Full as i32,
+    };
+    let mut stream = c
+        .turn(req)
+        .await
+        .map_err(|s| pb::TurnError {
+            code: s.code() as i32,
+            message: s.message().into(),
+        })?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = stream.message().await.unwrap() {
+        let e = ev.event.unwrap();
+        on(&e);
+        if let E::Error(err) = &e {
+            return Err(err.clone());
+        }
+        events.push(e);
+    }
+    assert!(
+        matches!(events.last(), Some(E::Reply(_))),
+        "a turn ends with its reply: {events:?}"
+    );
+    Ok(events)
+}
+
+fn started(events: &[E]) -> pb::TurnStarted {
+    events
+        .iter()
+        .find_map(|e| {
+            if let E::Started(s) = e {
+                Some(s.clone())
+            } else {
+                None
+            }
+        })
+        .expect("TurnStarted")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversation_persists_roles_swap_restart_resumes_and_bad_requests_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("sessions.redb");
+    let smol = muse("smollm2-135m");
+    let gemma = muse("gemma3-270m");
+    let md = majordomo();
+    let orch = orchestrator(&store, &[&smol, &gemma], &md);
+    let mut c = client(&orch).await;
+    let s = session(&mut c, "smollm2-135m").await;
+
+    let t1 = turn(&mut c, &s.id, "Name a colour of the sea.", |_| {})
+        .await
+        .unwrap();
+    assert_eq!(started(&t1).muse_replica, smol.addr);
+    assert!(
+        t1.iter().any(|e| matches!(e, E::LatentStep(_)))
+            && t1.iter().any(|e| matches!(e, E::Critique(_)))
+    );
+    turn(&mut c, &s.id, "Name a colour of the sea.", |_| {})
+        .await
+        .unwrap();
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.turns.len(), 2);
+    // The second turn was primed with the first: same message, a longer prompt.
+    let p1 = got.turns[0].attempts[0].prompt_tokens;
+    let p2 = got.turns[1].attempts[0].prompt_tokens;
+    assert!(
+        p2 > p1 + 5,
+        "turn 2 primed with {p2} tokens, turn 1 with {p1}"
+    );
+    assert!(got
+        .turns
+        .iter()
+        .all(|t| !t.attempts[0].critique_json.is_empty()));
+
+    // Swap the muse to the other default model; the serving replica proves it.
+    let swapped = c
+        .set_roles(pb::SetRolesRequest {
+            session_id: s.id.clone(),
+            roles: Some(pb::Roles {
+                muse: "gemma3-270m".into(),
+                majordomo: String::new(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(swapped.roles.unwrap().muse, "gemma3-270m");
+    let t3 = turn(&mut c, &s.id, "And a colour of the sky?", |_| {})
+        .await
+        .unwrap();
+    let st = started(&t3);
+    assert_eq!(
+        (st.muse_replica.as_str(), st.roles.unwrap().muse.as_str()),
+        (gemma.addr.as_str(), "gemma3-270m")
+    );
+    let mut gc = mm_proto::muse::v1::muse_client::MuseClient::connect(gemma.addr.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        gc.info(mm_proto::muse::v1::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .architecture,
+        "gemma3"
+    );
+
+    // Bad requests name the problem.
+    let e = turn(&mut c, "nope", "hi", |_| {}).await.unwrap_err();
+    assert_eq!(
+        (
+            tonic::Code::from(e.code),
+            e.message.contains("unknown session `nope`")
+        ),
+        (tonic::Code::NotFound, true),
+        "{}",
+        e.message
+    );
+    let e = turn(&mut c, &s.id, "   ", |_| {}).await.unwrap_err();
+    assert_eq!(tonic::Code::from(e.code), tonic::Code::InvalidArgument);
+    assert!(e.message.contains("message is empty"));
+    let e = turn(&mut c, &s.id, &"x".repeat(5000), |_| {})
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("message is longer"), "{}", e.message);
+    let e = c
+        .set_roles(pb::SetRolesRequest {
+            session_id: s.id.clone(),
+            roles: Some(pb::Roles {
+                muse: "llama-70b".into(),
+                majordomo: String::new(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("roles.muse `llama-70b`") && e.message().contains("smollm2-135m"),
+        "{}",
+        e.message()
+    );
+
+    // Restart the orchestrator on the same store: the session is listed and continues.
+    drop(c);
+    drop(orch);
+    let orch = orchestrator(&store, &[&smol, &gemma], &md);
+    let mut c = client(&orch).await;
+    let list = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = list
+        .sessions
+        .iter()
+        .find(|x| x.id == s.id)
+        .expect("session listed after restart");
+    assert_eq!(listed.turn_count, 3);
+    turn(&mut c, &s.id, "One more word?", |_| {}).await.unwrap();
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.turns.iter().map(|t| t.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = muse("smollm2-135m");
+    let b = muse("smollm2-135m");
+    let md = majordomo();
+    let orch = orchestrator(&dir.path().join("s.redb"), &[&a, &b], &md);
+    let mut c = client(&orch).await;
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            roles: None,
+            policy: Some(pb::DreamPolicy {
+                bursts: 3,
+                steps: 8,
+                commit_tokens: 16,
+                max_attempts: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut procs = vec![a, b];
+    let mut serving = None;
+    let mut victim = None;
+    let events = turn(&mut c, &s.id, "Describe a storm at sea.", |e| match e {
+        E::Started(st) => serving = Some(st.muse_replica.clone()),
+        // Kill -9 the replica serving this turn, mid-burst.
+        E::LatentStep(_) if victim.is_none() => {
+            let addr = serving.clone().expect("TurnStarted comes first");
+            let p = procs
+                .iter_mut()
+                .find(|p| p.addr == addr)
+                .expect("the serving replica is ours");
+            unsafe { libc_kill(p.child.id() as i32) };
+            let _ = p.child.wait();
+            victim = Some(addr);
+        }
+        _ => {}
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the turn failed instead of failing over: {}", e.message));
+    let victim = victim.expect("a latent step arrived");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, E::Failover(f) if f.from_replica == victim)),
+        "no failover event: {events:?}"
+    );
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.turns.len(), 1);
+    assert!(!got.turns[0].reply.is_empty());
+}
+
+/// SIGKILL, without a dependency for one call.
+unsafe fn libc_kill(pid: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    kill(pid, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_sessions_complete_with_no_lost_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let orch = orchestrator(&dir.path().join("s.redb"), &[&m], &md);
+    let mut c = client(&orch).await;
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let p = pb::DreamPolicy {
+            bursts: 1,
+            steps: 2,
+            commit_tokens: 8,
+            max_attempts: 1,
+            ..Default::default()
+        };
+        ids.push(
+            c.create_session(pb::CreateSessionRequest {
+                roles: None,
+                policy: Some(p),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+        );
+    }
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut c = c.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                turn(&mut c, &id, &format!("Give me word number {i}."), |_| {})
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a turn failed: {}", e.message));
+    }
+    let list = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.sessions.len(), 16);
+    assert!(
+        list.sessions.iter().all(|s| s.turn_count == 1),
+        "{:?}",
+        list.sessions
+            .iter()
+            .map(|s| s.turn_count)
+            .collect::<Vec<_>>()
+    );
+}
