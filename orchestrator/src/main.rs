@@ -36,6 +36,20 @@ enum Command {
     Chat(ChatArgs),
     /// List the sessions.
     Sessions(ClientArgs),
+    /// Turn latency breakdown and throughput at 1, 4 and 16 concurrent sessions (JSON).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    sessions: Vec<usize>,
+    /// Print JSON (the only format; for symmetry with the other benches).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Args, Clone)]
@@ -240,6 +254,18 @@ async fn cmd_sessions(a: ClientArgs) -> Result<()> {
     Ok(())
 }
 
+async fn cmd_bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.sessions.iter().all(|&n| n >= 1),
+        "--sessions takes counts >= 1"
+    );
+    let (mut client, _services) = connect(&a.client).await?;
+    let report = orchestrator::bench::run(&mut client, &a.sessions).await?;
+    let _ = a.json;
+    println!("{report}");
+    Ok(())
+}
+
 async fn cmd_up(a: UpArgs) -> Result<()> {
     let services = local::Services::start(&a).await?;
     eprintln!(
@@ -274,6 +300,7 @@ fn main() {
             Command::Run(a) => cmd_run(a).await,
             Command::Chat(a) => cmd_chat(a).await,
             Command::Sessions(a) => cmd_sessions(a).await,
+            Command::Bench(a) => cmd_bench(a).await,
         }
     });
     if let Err(e) = result {

@@ -130,6 +130,7 @@ pub async fn run_turn(
                 .map(|b| b.stop_reason.clone())
                 .collect(),
         };
+        let t_critique = std::time::Instant::now();
         let result = critique_with_failover(
             ctx,
             &roles.majordomo,
@@ -145,6 +146,7 @@ pub async fn run_turn(
             Ok(mpb::Verdict::Reject) => "reject",
             _ => "revise",
         };
+        attempt.critique_millis = t_critique.elapsed().as_secs_f64() * 1e3;
         attempt.critique_json = result.json.clone();
         attempt.verdict = verdict.into();
         ctx.emit(TE::Critique(pb::CritiqueEvent {
@@ -237,6 +239,7 @@ async fn dream_with_failover(
 ) -> Result<(pb::Attempt, String), Status> {
     let mut tried: Vec<String> = Vec::new();
     loop {
+        let t_queue = std::time::Instant::now();
         let Some(lease) = ctx.muse.lease(model, &tried).await else {
             return Err(Status::unavailable(format!(
                 "no healthy muse replica serves `{model}` (tried: {}); the session is unchanged — retry when a replica is back",
@@ -257,8 +260,12 @@ async fn dream_with_failover(
             }))
             .await?;
         }
+        let queued = t_queue.elapsed().as_secs_f64() * 1e3;
         match dream(ctx, &lease, messages, policy, knobs, number).await {
-            Ok(a) => return Ok((a, endpoint)),
+            Ok(mut a) => {
+                a.queue_millis = queued;
+                return Ok((a, endpoint));
+            }
             Err(e) if replica_failed(&e) => {
                 tracing::warn!(replica = endpoint, error = %e, "muse replica failed mid-turn; failing over");
                 lease.replica.mark_down();
@@ -294,6 +301,7 @@ async fn dream(
             Status::deadline_exceeded(format!("the muse did not answer {what} within {timeout:?}"))
         }
     };
+    let t_prime = std::time::Instant::now();
     let mut client = upb::muse_client::MuseClient::new(lease.replica.channel.clone());
     let mut s = tokio::time::timeout(timeout, SessionClient::open(&mut client))
         .await
@@ -317,6 +325,7 @@ async fn dream(
         _ => 4,
     };
     let mut attempt = pb::Attempt {
+        prime_millis: t_prime.elapsed().as_secs_f64() * 1e3,
         number,
         noise: knobs.noise,
         steps: knobs.steps,
@@ -338,6 +347,7 @@ async fn dream(
             ..Default::default()
         };
         let mut steps = Vec::new();
+        let t_burst = std::time::Instant::now();
         let events = tokio::time::timeout(
             timeout,
             s.run_with(C::Burst(burst), |e| {
@@ -378,6 +388,7 @@ async fn dream(
             stop_reason: done.stop_reason,
             mean_entropy: done.mean_entropy,
             millis: done.millis,
+            wall_millis: t_burst.elapsed().as_secs_f64() * 1e3,
         });
         let commit = upb::Commit {
             max_tokens: policy.commit_tokens.max(1),
@@ -389,6 +400,7 @@ async fn dream(
             mode: upb::CommitMode::Replace as i32,
             ..Default::default()
         };
+        let t_commit = std::time::Instant::now();
         let events = tokio::time::timeout(timeout, s.run(C::Commit(commit)))
             .await
             .map_err(deadline("a commit"))??;
@@ -404,6 +416,7 @@ async fn dream(
             }))
             .await?;
         }
+        attempt.commit_millis += t_commit.elapsed().as_secs_f64() * 1e3;
         attempt.draft.push_str(&c.text);
         if c.stop_reason != "max_tokens" {
             break; // the muse finished its reply (end of turn) or ran out of context

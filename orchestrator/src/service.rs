@@ -319,6 +319,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 events: tx.clone(),
                 verbosity,
             };
+            let t_turn = std::time::Instant::now();
             let result = pipeline::run_turn(&ctx, &session, &message).await;
             let outcome = match result {
                 Ok(turn) => {
@@ -335,13 +336,17 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             })
                         })
                         .and_then(|mut s| {
-                            let reply = pb::Reply {
+                            let mut reply = pb::Reply {
                                 turn: turn.index,
                                 text: turn.reply.clone(),
                                 attempt: turn.chosen_attempt,
+                                ..Default::default()
                             };
                             s.turns.push(turn);
+                            let t_persist = std::time::Instant::now();
                             shared.store.put(&s).map_err(store_err)?;
+                            reply.persist_millis = t_persist.elapsed().as_secs_f64() * 1e3;
+                            reply.total_millis = t_turn.elapsed().as_secs_f64() * 1e3;
                             Ok(reply)
                         });
                     persisted.map(|reply| pb::TurnEvent {
