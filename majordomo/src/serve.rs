@@ -116,3 +116,24 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_loads_and_flags_win() {
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/majordomo.example.toml");
+        let flags = ServeFlags {
+            config: Some(example),
+            workers: Some(2),
+            ..Default::default()
+        };
+        let c = ServeConfig::load(&flags).unwrap();
+        assert_eq!(
+            (c.workers, c.queue_capacity, c.listen.as_str()),
+            (2, 8, "127.0.0.1:50052")
+        );
+    }
+}

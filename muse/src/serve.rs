@@ -141,3 +141,37 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_loads_and_flags_win() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/muse.example.toml");
+        let flags = ServeFlags {
+            config: Some(example),
+            max_sessions: Some(3),
+            ..Default::default()
+        };
+        let c = ServeConfig::load(&flags).unwrap();
+        assert_eq!(
+            (
+                c.model.as_str(),
+                c.max_sessions,
+                c.kv_memory_mb,
+                c.compute_slots
+            ),
+            ("smollm2-135m", 3, 2048, 1)
+        );
+        let bad = ServeFlags {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        assert!(ServeConfig::load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("listen"));
+    }
+}

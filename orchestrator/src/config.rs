@@ -147,3 +147,33 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_loads_and_flags_win() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mm.example.toml");
+        let flags = Flags {
+            config: Some(example),
+            muse: vec!["http://a:1".into(), "http://b:1".into()],
+            ..Default::default()
+        };
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.muse, ["http://a:1", "http://b:1"]);
+        assert_eq!(
+            (c.policy.steps, c.policy.max_attempts, c.per_replica),
+            (4, 2, 8)
+        );
+        let bad = Flags {
+            muse: vec!["a:1".into()],
+            ..Default::default()
+        };
+        assert!(Config::load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("must be a URL"));
+    }
+}
