@@ -94,27 +94,14 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     })
     .await??;
     let service = MajordomoService::new(Arc::new(md), cfg.workers, cfg.queue_capacity);
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-    let addr = listener.local_addr()?;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<mm_proto::majordomo::v1::majordomo_server::MajordomoServer<MajordomoService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mm_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    println!("listening on {addr}");
-    tracing::info!(%addr, model = cfg.model, "majordomo serving");
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
-    Ok(())
+    tracing::info!(listen = cfg.listen, model = cfg.model, "majordomo serving");
+    mm_proto::server::serve(
+        &cfg.listen,
+        "majordomo.v1.Majordomo",
+        tonic::service::Routes::new(service.into_server()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
 #[cfg(test)]

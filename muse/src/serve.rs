@@ -117,29 +117,14 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         compute_slots: cfg.compute_slots,
     };
     let service = MuseService::new(Arc::new(lm), limits);
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-    let addr = listener.local_addr()?;
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<mm_proto::muse::v1::muse_server::MuseServer<MuseService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mm_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    println!("listening on {addr}");
-    tracing::info!(%addr, model = cfg.model, "muse serving");
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
-    Ok(())
+    tracing::info!(listen = cfg.listen, model = cfg.model, "muse serving");
+    mm_proto::server::serve(
+        &cfg.listen,
+        "muse.v1.Muse",
+        tonic::service::Routes::new(service.into_server()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
 #[cfg(test)]

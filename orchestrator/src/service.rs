@@ -379,27 +379,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listen = cfg.listen.clone();
     let service = OrchestratorService::new(cfg)?;
     service.start_health_checks().await;
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
-    let addr = listener.local_addr()?;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<pb::orchestrator_server::OrchestratorServer<OrchestratorService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mm_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    println!("listening on {addr}");
-    tracing::info!(%addr, "orchestrator serving");
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
-    Ok(())
+    tracing::info!(listen, "orchestrator serving");
+    mm_proto::server::serve(
+        &listen,
+        "orchestrator.v1.Orchestrator",
+        tonic::service::Routes::new(service.into_server()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
 }

@@ -337,7 +337,7 @@ async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
         .await
         .unwrap()
         .into_inner();
-    let mut procs = vec![a, b];
+    let mut procs = [a, b];
     let mut serving = None;
     let mut victim = None;
     let events = turn(&mut c, &s.id, "Describe a storm at sea.", |e| match e {
