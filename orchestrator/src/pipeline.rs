@@ -49,17 +49,7 @@ pub fn window(session: &pb::Session, user: &str, history_chars: usize) -> Vec<up
         role: role.into(),
         content: content.into(),
     };
-    let mut turns: Vec<&pb::Turn> = Vec::new();
-    let mut used = 0;
-    for t in session.turns.iter().rev() {
-        let len = t.user.len() + t.reply.len();
-        if used + len > history_chars && !turns.is_empty() {
-            break;
-        }
-        used += len;
-        turns.push(t);
-    }
-    turns.reverse();
+    let turns = &session.turns[first_in_window(session, history_chars)..];
     let mut out = Vec::new();
     if !session.summary.is_empty() {
         out.push(msg(
@@ -73,6 +63,68 @@ pub fn window(session: &pb::Session, user: &str, history_chars: usize) -> Vec<up
     }
     out.push(msg("user", user));
     out
+}
+
+/// Index of the oldest turn given verbatim: the latest turns whose text fits in
+/// `history_chars` (at least the last one).
+pub fn first_in_window(session: &pb::Session, history_chars: usize) -> usize {
+    let mut used = 0;
+    let mut first = session.turns.len();
+    for (i, t) in session.turns.iter().enumerate().rev() {
+        let len = t.user.len() + t.reply.len();
+        if used + len > history_chars && first < session.turns.len() {
+            break;
+        }
+        used += len;
+        first = i;
+    }
+    first
+}
+
+/// When turns have left the window since the last fold, asks the majordomo to fold them (and
+/// the previous summary) into a new summary: `(summary, summarized_turns)`. A failure only
+/// costs the summary (the older turns stay out of the prompt); the turn goes on.
+pub async fn fold_history(
+    ctx: &TurnContext<'_>,
+    session: &pb::Session,
+    majordomo_model: &str,
+) -> Option<(String, u32)> {
+    let first = first_in_window(session, ctx.history_chars) as u32;
+    if first <= session.summarized_turns {
+        return None;
+    }
+    let mut text = session.summary.clone();
+    for t in &session.turns[session.summarized_turns as usize..first as usize] {
+        text.push_str(&format!("\nUser: {}\nAssistant: {}", t.user, t.reply));
+    }
+    let text: String = text
+        .chars()
+        .rev()
+        .take(6000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let lease = ctx.majordomo.lease(majordomo_model, &[]).await?;
+    let mut client = mpb::majordomo_client::MajordomoClient::new(lease.replica.channel.clone());
+    let call = client.structure(mpb::StructureRequest {
+        draft: text.into_bytes(),
+    });
+    match tokio::time::timeout(ctx.call_timeout, call).await {
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            let summary = if r.summary.trim().is_empty() {
+                r.title
+            } else {
+                format!("{} — {}", r.title, r.summary)
+            };
+            Some((summary, first))
+        }
+        other => {
+            tracing::warn!(?other, "could not fold old turns into a summary");
+            None
+        }
+    }
 }
 
 /// Whether an error is the replica's fault (retry elsewhere) rather than the request's.

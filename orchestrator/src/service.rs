@@ -320,6 +320,13 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 verbosity,
             };
             let t_turn = std::time::Instant::now();
+            let mut session = session;
+            let majordomo_model = session.roles.clone().unwrap_or_default().majordomo;
+            let folded = pipeline::fold_history(&ctx, &session, &majordomo_model).await;
+            if let Some((summary, through)) = &folded {
+                session.summary = summary.clone();
+                session.summarized_turns = *through;
+            }
             let result = pipeline::run_turn(&ctx, &session, &message).await;
             let outcome = match result {
                 Ok(turn) => {
@@ -343,6 +350,10 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                                 ..Default::default()
                             };
                             s.turns.push(turn);
+                            if let Some((summary, through)) = folded {
+                                s.summary = summary;
+                                s.summarized_turns = through;
+                            }
                             let t_persist = std::time::Instant::now();
                             shared.store.put(&s).map_err(store_err)?;
                             reply.persist_millis = t_persist.elapsed().as_secs_f64() * 1e3;

@@ -29,8 +29,13 @@ fn bin(name: &str) -> std::path::PathBuf {
 }
 
 fn spawn(name: &str, args: &[&str]) -> Proc {
+    spawn_env(name, args, &[])
+}
+
+fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(bin(name))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -83,6 +88,10 @@ fn majordomo() -> Proc {
 }
 
 fn orchestrator(store: &Path, muses: &[&Proc], md: &Proc) -> Proc {
+    orchestrator_env(store, muses, md, &[])
+}
+
+fn orchestrator_env(store: &Path, muses: &[&Proc], md: &Proc, env: &[(&str, &str)]) -> Proc {
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--listen".into(),
@@ -95,7 +104,7 @@ fn orchestrator(store: &Path, muses: &[&Proc], md: &Proc) -> Proc {
     }
     args.extend(["--majordomo".into(), md.addr.clone()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    spawn("mm", &refs)
+    spawn_env("mm", &refs, env)
 }
 
 async fn client(p: &Proc) -> OrchestratorClient<Channel> {
@@ -285,10 +294,12 @@ async fn conversation_persists_roles_swap_restart_resumes_and_bad_requests_are_n
         e.message()
     );
 
-    // Restart the orchestrator on the same store: the session is listed and continues.
+    // Restart the orchestrator on the same store: the session is listed and continues. The
+    // new one primes only the last turn verbatim (MM_HISTORY_CHARS), so the older ones are
+    // folded into a majordomo-made summary.
     drop(c);
     drop(orch);
-    let orch = orchestrator(&store, &[&smol, &gemma], &md);
+    let orch = orchestrator_env(&store, &[&smol, &gemma], &md, &[("MM_HISTORY_CHARS", "1")]);
     let mut c = client(&orch).await;
     let list = c
         .list_sessions(pb::ListSessionsRequest {})
