@@ -337,3 +337,34 @@ async fn a_client_that_goes_away_frees_its_session() {
     }
     assert!(reopened.is_some(), "the only session slot was never freed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_memory_bound_refuses_what_would_pass_it() {
+    // SmolLM2 holds ~46 KB of KV per position: 1 MiB is ~22 positions.
+    let server = start(&["--kv-memory-mb", "1"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let mut s = Session::open(&mut client).await.unwrap();
+    let e = s
+        .error(chat(
+            &"Tell me everything about the sea and the sky. ".repeat(4),
+        ))
+        .await;
+    assert_eq!(
+        tonic::Code::from(e.code),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("kv_memory"), "{}", e.message);
+    // A short prime fits.
+    assert!(matches!(
+        s.run(C::Prime(pb::Prime {
+            prompt: Some(pb::prime::Prompt::Tokens(pb::TokenIds {
+                ids: vec![1, 2, 3]
+            }))
+        }))
+        .await
+        .pop(),
+        Some(E::Primed(_))
+    ));
+}
