@@ -127,6 +127,49 @@ pub async fn fold_history(
     }
 }
 
+/// What the majordomo needs to critique a draft of this turn.
+struct Review<'a> {
+    majordomo: &'a str,
+    user: &'a str,
+    conversation: &'a [mpb::ChatMessage],
+}
+
+impl Review<'_> {
+    /// Critiques `draft` (made by `bursts`); returns the result and its verdict word.
+    async fn critique(
+        &self,
+        ctx: &TurnContext<'_>,
+        draft: &str,
+        bursts: &[pb::Burst],
+    ) -> Result<(mpb::CritiqueResult, &'static str), Status> {
+        let telemetry = mpb::TelemetrySummary {
+            bursts: bursts.len() as u32,
+            latent_steps: bursts.iter().map(|b| b.steps).sum(),
+            mean_entropy: mean(bursts.iter().map(|b| b.mean_entropy)),
+            stop_reasons: bursts.iter().map(|b| b.stop_reason.clone()).collect(),
+        };
+        let result = critique_with_failover(
+            ctx,
+            self.majordomo,
+            self.user,
+            self.conversation,
+            draft,
+            telemetry,
+        )
+        .await?;
+        let verdict = match result
+            .critique
+            .as_ref()
+            .map(|c| mpb::Verdict::try_from(c.verdict))
+        {
+            Some(Ok(mpb::Verdict::Accept)) => "accept",
+            Some(Ok(mpb::Verdict::Reject)) => "reject",
+            _ => "revise",
+        };
+        Ok((result, verdict))
+    }
+}
+
 /// Whether an error is the replica's fault (retry elsewhere) rather than the request's.
 fn replica_failed(s: &Status) -> bool {
     matches!(
@@ -156,10 +199,16 @@ pub async fn run_turn(
         noise: policy.noise,
         steps: policy.steps,
     };
+    let review = Review {
+        majordomo: &roles.majordomo,
+        user,
+        conversation: &conversation,
+    };
     let mut attempts: Vec<pb::Attempt> = Vec::new();
     let mut best: Option<(i32, usize)> = None;
     let mut started = false;
     for number in 1..=policy.max_attempts.max(1) {
+        let segments = policy.critique_each_segment.then_some(&review);
         let (mut attempt, replica) = dream_with_failover(
             ctx,
             &roles.muse,
@@ -169,35 +218,15 @@ pub async fn run_turn(
             number,
             index,
             &mut started,
+            segments,
         )
         .await?;
         attempt.muse_replica = replica;
-        let telemetry = mpb::TelemetrySummary {
-            bursts: attempt.bursts.len() as u32,
-            latent_steps: attempt.bursts.iter().map(|b| b.steps).sum(),
-            mean_entropy: mean(attempt.bursts.iter().map(|b| b.mean_entropy)),
-            stop_reasons: attempt
-                .bursts
-                .iter()
-                .map(|b| b.stop_reason.clone())
-                .collect(),
-        };
         let t_critique = std::time::Instant::now();
-        let result = critique_with_failover(
-            ctx,
-            &roles.majordomo,
-            user,
-            &conversation,
-            &attempt.draft,
-            telemetry,
-        )
-        .await?;
+        let (result, verdict) = review
+            .critique(ctx, &attempt.draft, &attempt.bursts)
+            .await?;
         let critique = result.critique.clone().unwrap_or_default();
-        let verdict = match mpb::Verdict::try_from(critique.verdict) {
-            Ok(mpb::Verdict::Accept) => "accept",
-            Ok(mpb::Verdict::Reject) => "reject",
-            _ => "revise",
-        };
         attempt.critique_millis = t_critique.elapsed().as_secs_f64() * 1e3;
         attempt.critique_json = result.json.clone();
         attempt.verdict = verdict.into();
@@ -205,6 +234,7 @@ pub async fn run_turn(
             attempt: number,
             verdict: verdict.into(),
             json: result.json,
+            segment: false,
         }))
         .await?;
         let score = score(verdict, &critique);
@@ -288,6 +318,7 @@ async fn dream_with_failover(
     number: u32,
     turn: u32,
     started: &mut bool,
+    segments: Option<&Review<'_>>,
 ) -> Result<(pb::Attempt, String), Status> {
     let mut tried: Vec<String> = Vec::new();
     loop {
@@ -313,7 +344,7 @@ async fn dream_with_failover(
             .await?;
         }
         let queued = t_queue.elapsed().as_secs_f64() * 1e3;
-        match dream(ctx, &lease, messages, policy, knobs, number).await {
+        match dream(ctx, &lease, messages, policy, knobs, number, segments).await {
             Ok(mut a) => {
                 a.queue_millis = queued;
                 return Ok((a, endpoint));
@@ -346,6 +377,7 @@ async fn dream(
     policy: &pb::DreamPolicy,
     knobs: Knobs,
     number: u32,
+    segments: Option<&Review<'_>>,
 ) -> Result<pb::Attempt, Status> {
     let timeout = ctx.call_timeout;
     let deadline = |what: &'static str| {
@@ -472,6 +504,21 @@ async fn dream(
         attempt.draft.push_str(&c.text);
         if c.stop_reason != "max_tokens" {
             break; // the muse finished its reply (end of turn) or ran out of context
+        }
+        if let (Some(review), true) = (segments, b + 1 < policy.bursts.max(1)) {
+            let (result, verdict) = review
+                .critique(ctx, attempt.draft.trim(), &attempt.bursts)
+                .await?;
+            ctx.emit(TE::Critique(pb::CritiqueEvent {
+                attempt: number,
+                verdict: verdict.into(),
+                json: result.json,
+                segment: true,
+            }))
+            .await?;
+            if verdict == "reject" {
+                break; // no point dreaming on: let the attempt be judged and revised
+            }
         }
     }
     let _ = s.run(C::Close(upb::Close {})).await;
