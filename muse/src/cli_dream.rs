@@ -11,6 +11,7 @@ use muse::telemetry::LatentStep;
 use std::io::Write;
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 pub struct DreamArgs {
     #[command(flatten)]
     model: ModelArgs,

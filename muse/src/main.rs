@@ -90,6 +90,7 @@ impl PromptArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
