@@ -1,7 +1,7 @@
 //! Linear layers over quantized (GGUF) or dense (safetensors) weights.
 
 use crate::error::{LmError, Result};
-use crate::kernels::{KernelPool, QType, QWeight};
+use crate::kernels::{matmul_multi, KernelPool, QType, QWeight, QuantizedActivation};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
@@ -99,6 +99,42 @@ impl Linear {
             }
         }
     }
+}
+
+/// Applies several linears to the same input (q/k/v, gate/up). When all run on our kernels
+/// with one activation format, the input is quantized once and all products share one pool
+/// dispatch; otherwise each runs on its own.
+pub(crate) fn forward_many(linears: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    let kernels: Option<Vec<&QWeight>> = linears
+        .iter()
+        .map(|l| match &l.weight {
+            Weight::Kernel(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    let Some(ws) = kernels.filter(|ws| ws.windows(2).all(|p| p[0].act_kind() == p[1].act_kind()))
+    else {
+        return linears.iter().map(|l| l.forward(x)).collect();
+    };
+    let (n, k) = x.dims2()?;
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let q = QuantizedActivation::new(ws[0].act_kind(), &xs, n, k);
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows()]).collect();
+    {
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_multi(KernelPool::global(), &ws, &q, &mut slices);
+    }
+    outs.into_iter()
+        .zip(linears)
+        .zip(&ws)
+        .map(|((o, l), w)| {
+            let y = Tensor::from_vec(o, (n, w.rows()), x.device())?;
+            Ok(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        })
+        .collect()
 }
 
 /// Converts a dense weight to the activation dtype (f32 on CPU, where gemm is fastest).

@@ -18,7 +18,7 @@ pub(crate) use safetensors::safetensors_shards;
 use crate::cache::KvCache;
 use crate::error::{LmError, Result};
 use candle_core::{DType, Device, Tensor};
-use linear::Linear;
+use linear::{forward_many, Linear};
 use rope::RopeTables;
 
 /// What to feed at the next positions.
@@ -250,9 +250,12 @@ impl Model {
         let c = &self.config;
         let n = x.dim(0)?;
         let h = b.attn_norm.forward(x)?;
-        let q = b.q.forward(&h)?.reshape((n, c.heads, c.head_dim))?;
-        let k = b.k.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
-        let v = b.v.forward(&h)?.reshape((n, c.kv_heads, c.head_dim))?;
+        let [q, k, v]: [Tensor; 3] = forward_many(&[&b.q, &b.k, &b.v], &h)?
+            .try_into()
+            .expect("three outputs");
+        let q = q.reshape((n, c.heads, c.head_dim))?;
+        let k = k.reshape((n, c.kv_heads, c.head_dim))?;
+        let v = v.reshape((n, c.kv_heads, c.head_dim))?;
         let (q, k) = match (&b.q_norm, &b.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -272,12 +275,14 @@ impl Model {
         }
         let x = (x + out)?;
         let h = b.ffn_norm.forward(&x)?;
-        let gate = b.gate.forward(&h)?;
+        let [gate, up]: [Tensor; 2] = forward_many(&[&b.gate, &b.up], &h)?
+            .try_into()
+            .expect("two outputs");
         let gate = match c.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        let mut ff = b.down.forward(&(gate * b.up.forward(&h)?)?)?;
+        let mut ff = b.down.forward(&(gate * up)?)?;
         if let Some(norm) = &b.post_ffn_norm {
             ff = norm.forward(&ff)?;
         }
