@@ -3,7 +3,6 @@
 
 use mm_proto::majordomo::v1 as pb;
 use pb::majordomo_client::MajordomoClient;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 struct Server(Child, String);
@@ -30,16 +29,8 @@ fn start(extra: &[&str]) -> Server {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start majordomo serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_string();
-    Server(child, format!("http://{addr}"))
+    let addr = mm_proto::server::listening_address(&mut child).unwrap();
+    Server(child, addr)
 }
 
 fn request(draft: &[u8]) -> pb::CritiqueRequest {

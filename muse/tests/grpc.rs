@@ -7,7 +7,6 @@ use mm_proto::muse_session::SessionClient;
 use pb::client_command::Command as C;
 use pb::muse_client::MuseClient;
 use pb::server_event::Event as E;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use tonic::transport::Channel;
 
@@ -39,19 +38,8 @@ fn start(extra: &[&str]) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start muse serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server {
-        child,
-        addr: format!("http://{addr}"),
-    }
+    let addr = mm_proto::server::listening_address(&mut child).unwrap();
+    Server { child, addr }
 }
 
 struct Session(SessionClient);

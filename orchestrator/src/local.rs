@@ -3,7 +3,6 @@
 
 use crate::UpArgs;
 use anyhow::{Context, Result};
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 pub struct Services {
@@ -41,11 +40,9 @@ fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
                 path.display()
             )
         })?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
-    match line.trim().strip_prefix("listening on ") {
-        Some(addr) => Ok((child, format!("http://{addr}"))),
-        None => {
+    match mm_proto::server::listening_address(&mut child) {
+        Ok(addr) => Ok((child, addr)),
+        Err(_) => {
             let status = child.wait()?;
             anyhow::bail!("{bin} did not start ({status}); see its message above")
         }

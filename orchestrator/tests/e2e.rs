@@ -6,7 +6,6 @@
 use mm_proto::orchestrator::v1 as pb;
 use pb::orchestrator_client::OrchestratorClient;
 use pb::turn_event::Event as E;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use tonic::transport::Channel;
@@ -40,19 +39,9 @@ fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{name}: {line:?}"))
-        .to_string();
-    Proc {
-        child,
-        addr: format!("http://{addr}"),
-    }
+    let addr =
+        mm_proto::server::listening_address(&mut child).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Proc { child, addr }
 }
 
 fn muse(model: &str) -> Proc {

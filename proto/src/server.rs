@@ -32,3 +32,22 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// Waits for a child started with a piped stdout to print its `listening on <addr>` line and
+/// returns `http://<addr>`; an error when it exits or says anything else first.
+pub fn listening_address(child: &mut std::process::Child) -> std::io::Result<String> {
+    use std::io::BufRead;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("the child's stdout is not piped"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim().strip_prefix("listening on ") {
+        Some(addr) => Ok(format!("http://{addr}")),
+        None => Err(std::io::Error::other(format!(
+            "expected `listening on <addr>`, got {:?}",
+            line.trim()
+        ))),
+    }
+}
