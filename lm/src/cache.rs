@@ -3,6 +3,9 @@
 //! Buffers are preallocated and grow by doubling, so appending a position is a copy of that
 //! position only. `truncate` is O(1): a rewind just forgets the tail. Sliding-window layers keep
 //! their full history too, because a rewind may go back past the window.
+//!
+//! On the fused CUDA path a cache is one flat buffer of its full capacity instead
+//! (`[layers][2][kv_heads][cap][head_dim]`), written by the kernels at each row's position.
 
 use crate::error::{LmError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +27,10 @@ pub struct KvCache {
     head_dim: usize,
     dtype: DType,
     device: Device,
+    /// The fused CUDA path's buffer (then `layers` stays empty), allocated on first use.
+    flat: Option<Tensor>,
+    /// Elements of `flat`; 0 for a per-layer cache.
+    flat_elems: usize,
 }
 
 const INITIAL_CAPACITY: usize = 128;
@@ -46,7 +53,30 @@ impl KvCache {
             head_dim,
             dtype,
             device: device.clone(),
+            flat: None,
+            flat_elems: 0,
         }
+    }
+
+    /// A cache of the fused CUDA path: one buffer of all `max_len` positions, allocated on the
+    /// first forward (so creating a cache cannot fail).
+    pub(crate) fn flat(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let mut c = Self::new(layers, kv_heads, head_dim, max_len, dtype, device);
+        c.flat_elems = layers * 2 * kv_heads * max_len * head_dim;
+        c
+    }
+
+    /// The flat buffer of the fused CUDA path, if this is such a cache.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn flat_buffer(&self) -> Option<&Tensor> {
+        self.flat.as_ref()
     }
 
     /// Positions held.
@@ -74,6 +104,9 @@ impl KvCache {
 
     /// Bytes held by the key/value buffers (allocated capacity, not just `len`).
     pub fn memory_bytes(&self) -> usize {
+        if self.flat_elems > 0 {
+            return self.flat.as_ref().map_or(0, |_| self.flat_elems * self.dtype.size_in_bytes());
+        }
         self.layers.iter().flatten().count()
             * 2
             * self.kv_heads
@@ -100,6 +133,13 @@ impl KvCache {
                 needed,
                 limit: self.max_len,
             });
+        }
+        if self.flat_elems > 0 {
+            if self.flat.is_none() {
+                self.flat = Some(Tensor::zeros(self.flat_elems, self.dtype, &self.device)?);
+                self.capacity = self.max_len;
+            }
+            return Ok(());
         }
         if needed > self.capacity {
             let mut cap = self.capacity.max(INITIAL_CAPACITY);

@@ -5,6 +5,9 @@
 
 pub mod cache;
 pub mod chat;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod kernels;

@@ -70,6 +70,21 @@ impl LoadedModel {
         })
     }
 
+    /// A model without a tokenizer of its own (random weights, bare safetensors), given the
+    /// stand-in [`Tokenizer::synthetic`] and the plain chat fallback, so the dream loop and
+    /// benchmarks run on it unchanged.
+    pub fn synthetic(model: Model, name: &str) -> Result<Self> {
+        let tokenizer = Tokenizer::synthetic(model.config().vocab)?;
+        let chat = ChatTemplate::new(None, String::new(), String::new(), |_| false)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat,
+            name: name.to_string(),
+            path: PathBuf::new(),
+        })
+    }
+
     /// Token ids of a chat prompt ending where the assistant's reply starts. The rendered
     /// template's markers become their special ids; BOS is added once.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {

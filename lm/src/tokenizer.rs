@@ -228,6 +228,22 @@ impl Tokenizer {
         Self::assemble(tk, bos, eos, add_bos, vocab)
     }
 
+    /// A stand-in for models without a tokenizer (random-weight benchmarks): token `i` is the
+    /// word `<t{i}>`, words split on whitespace. No BOS, EOS or chat markers.
+    pub fn synthetic(vocab: usize) -> Result<Self> {
+        use tokenizers::models::wordlevel::WordLevel;
+        let words: ahash::AHashMap<String, u32> =
+            (0..vocab as u32).map(|i| (format!("<t{i}>"), i)).collect();
+        let model = WordLevel::builder()
+            .vocab(words.into_iter().collect())
+            .unk_token("<t0>".into())
+            .build()
+            .map_err(tok_err)?;
+        let mut tk = tokenizers::Tokenizer::new(model);
+        tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+        Self::assemble(tk, None, None, false, vocab)
+    }
+
     fn assemble(
         special: tokenizers::Tokenizer,
         bos: Option<u32>,

@@ -72,7 +72,46 @@ pub struct ModelConfig {
     pub attn_scale: f32,
 }
 
+/// The dimensions of a llama-family model (Llama, Qwen2) in HF's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaShape {
+    pub arch: Architecture,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context_length: usize,
+    pub norm_eps: f64,
+    pub rope_theta: f32,
+}
+
 impl ModelConfig {
+    /// A llama-family config (HF weight layout: rope over halves, SiLU, no embedding scale).
+    pub fn llama_like(s: &LlamaShape) -> Self {
+        Self {
+            arch: s.arch,
+            hidden: s.hidden,
+            layers: s.layers,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            ffn: s.ffn,
+            vocab: s.vocab,
+            context_length: s.context_length,
+            norm_eps: s.norm_eps,
+            rope_theta: s.rope_theta,
+            rope_theta_local: s.rope_theta,
+            sliding_window: None,
+            rope_style: RopeStyle::Halves,
+            activation: Activation::Silu,
+            embed_scale: None,
+            attn_scale: 1.0 / (s.head_dim as f32).sqrt(),
+        }
+    }
+
     /// Whether layer `i` attends only within the sliding window, and that window.
     pub fn window_of(&self, layer: usize) -> Option<usize> {
         match self.sliding_window {

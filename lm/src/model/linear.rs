@@ -69,6 +69,15 @@ impl Linear {
         }
     }
 
+    /// The weight `[out, in]` and bias of a dense layer; `None` for quantized ones.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.weight {
+            Weight::Dense(w) => Some((w, self.bias.as_ref())),
+            _ => None,
+        }
+    }
+
     /// `x: [n, in] -> [n, out]`
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {

@@ -5,14 +5,18 @@
 
 mod config;
 mod embedding;
+#[cfg(feature = "cuda")]
+mod fused;
 mod gguf;
 mod linear;
+mod random;
 mod rope;
 mod safetensors;
 
-pub use config::{Activation, Architecture, ModelConfig, RopeStyle};
+pub use config::{Activation, Architecture, LlamaShape, ModelConfig, RopeStyle};
 pub use embedding::Embedding;
 pub use gguf::GgufFile;
+pub use random::{shape_named, SHAPES};
 pub(crate) use safetensors::safetensors_shards;
 
 use crate::cache::KvCache;
@@ -39,6 +43,9 @@ pub struct LoadOptions {
     /// Dequantize GGUF weights to f32 at load: slower and larger, but free of the rounding
     /// of quantized activations — a float reference for the same file.
     pub dequantize: bool,
+    /// On a CUDA device, run dense llama/Qwen2 models on the fused path (our kernels, CUDA
+    /// graphs, batched steps). Off: candle's ops only — slower, a reference for the fused path.
+    pub fused: bool,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +54,7 @@ impl Default for LoadOptions {
             max_context: None,
             device: Device::Cpu,
             dequantize: false,
+            fused: true,
         }
     }
 }
@@ -96,6 +104,9 @@ pub struct Model {
     dtype: DType,
     device: Device,
     quantization: String,
+    /// The fused CUDA decode path, for dense llama/Qwen2 models on a CUDA device.
+    #[cfg(feature = "cuda")]
+    fused: Option<fused::Fused>,
 }
 
 /// The tensors a loader hands over; shared by the GGUF and safetensors paths.
@@ -117,6 +128,21 @@ impl Model {
             .min(p.config.context_length)
             .max(1);
         let rope = RopeTables::new(&p.config, max_context, dtype, &opts.device)?;
+        #[cfg(feature = "cuda")]
+        let fused = if !opts.fused {
+            None
+        } else {
+            fused::Fused::build(
+            &p.config,
+            &p.blocks,
+            &p.final_norm,
+            max_context,
+            dtype,
+            &opts.device,
+        )?
+        };
+        #[cfg(feature = "cuda")]
+        let max_context = fused.as_ref().map_or(max_context, |f| f.capacity());
         Ok(Self {
             config: p.config,
             embedding: p.embedding,
@@ -128,7 +154,17 @@ impl Model {
             dtype,
             device: opts.device.clone(),
             quantization: p.quantization,
+            #[cfg(feature = "cuda")]
+            fused,
         })
+    }
+
+    /// Whether steps run on the fused CUDA path (graph-captured decode, batched across caches).
+    pub fn is_fused(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.fused.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -170,7 +206,13 @@ impl Model {
 
     /// A fresh cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(
+        // The fused CUDA path writes one flat buffer per sequence; everything else grows per layer.
+        let make = if self.is_fused() {
+            KvCache::flat
+        } else {
+            KvCache::new
+        };
+        make(
             self.config.layers,
             self.config.kv_heads,
             self.config.head_dim,
@@ -188,7 +230,91 @@ impl Model {
     /// Runs `input` at the cache's next positions and returns the final hidden state
     /// `[n, hidden]` (after the final norm). On error the cache is left as it was.
     pub fn forward(&self, input: Input, cache: &mut KvCache) -> Result<Tensor> {
-        let x = match input {
+        let x = self.input_rows(input)?;
+        let n = x.dim(0)?;
+        cache.reserve(n)?;
+        let pos = cache.len();
+        #[cfg(feature = "cuda")]
+        if let (Some(f), Some(buf)) = (&self.fused, cache.flat_buffer()) {
+            let base = crate::cuda::addr(buf)?;
+            let h = if n == 1 {
+                f.step(&x, fused::Row { cache: base, pos })?
+            } else {
+                let rows: Vec<fused::Row> = (pos..pos + n)
+                    .map(|pos| fused::Row { cache: base, pos })
+                    .collect();
+                f.forward(&x, &rows)?
+            };
+            cache.advance(n);
+            return Ok(h);
+        }
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(i, block, &x, pos, cache)?;
+        }
+        cache.advance(n);
+        self.final_norm.forward(&x)
+    }
+
+    /// One position for each of several sequences: row `i` of `inputs [b, hidden]` goes to
+    /// `caches[i]`; returns the final hidden states `[b, hidden]`. On the fused CUDA path the
+    /// rows run as one batched step (ragged cache lengths); elsewhere one after another. A
+    /// cache may appear once. On error no cache has advanced.
+    pub fn forward_batch(&self, inputs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let x = self.input_rows(Input::Vectors(inputs))?;
+        if x.dim(0)? != caches.len() {
+            return Err(LmError::InvalidInput(format!(
+                "forward_batch: {} input rows for {} caches",
+                x.dim(0)?,
+                caches.len()
+            )));
+        }
+        for c in caches.iter_mut() {
+            c.reserve(1)?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(f) = &self.fused {
+            let rows = caches
+                .iter()
+                .map(|c| {
+                    let buf = c.flat_buffer().ok_or_else(|| {
+                        LmError::InvalidInput("a cache from another model was passed".into())
+                    })?;
+                    Ok(fused::Row {
+                        cache: crate::cuda::addr(buf)?,
+                        pos: c.len(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let h = f.forward(&x, &rows)?;
+            for c in caches.iter_mut() {
+                c.advance(1);
+            }
+            return Ok(h);
+        }
+        let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let mut out = Vec::with_capacity(caches.len());
+        for i in 0..caches.len() {
+            match x
+                .narrow(0, i, 1)
+                .map_err(LmError::from)
+                .and_then(|row| self.forward(Input::Vectors(&row), caches[i]))
+            {
+                Ok(h) => out.push(h),
+                Err(e) => {
+                    for (c, &len) in caches.iter_mut().zip(&lens) {
+                        c.truncate(len);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// The `[n, hidden]` input-space rows for `input`, validated, on this model's device.
+    fn input_rows(&self, input: Input) -> Result<Tensor> {
+        Ok(match input {
             Input::Tokens(ids) => {
                 if ids.is_empty() {
                     return Err(LmError::InvalidInput(
@@ -213,16 +339,7 @@ impl Model {
                 }
                 v.to_device(&self.device)?.to_dtype(self.dtype)?
             }
-        };
-        let n = x.dim(0)?;
-        cache.reserve(n)?;
-        let pos = cache.len();
-        let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(i, block, &x, pos, cache)?;
-        }
-        cache.advance(n);
-        self.final_norm.forward(&x)
+        })
     }
 
     /// `[n, hidden] -> [n, vocab]` logits, f32.

@@ -1,7 +1,7 @@
 //! Loading safetensors + `config.json` models of the llama family (Llama, SmolLM, Qwen2) in
 //! f32, f16 or bf16. On CPU weights are widened to f32 (candle's fastest CPU matmul).
 
-use super::config::{Activation, Architecture, ModelConfig, RopeStyle};
+use super::config::{Architecture, LlamaShape, ModelConfig};
 use super::embedding::{Embedding, Table};
 use super::linear::{to_activation_dtype, Linear};
 use super::{Block, LoadOptions, Model, Norm, Parts};
@@ -27,11 +27,14 @@ struct HfConfig {
     max_position_embeddings: usize,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f32,
+    rope_theta: Option<f32>,
+    /// transformers 5 writes the rope base here instead of `rope_theta`.
+    rope_parameters: Option<RopeParameters>,
     #[serde(default)]
     tie_word_embeddings: bool,
     torch_dtype: Option<String>,
+    /// transformers 5's name for `torch_dtype`.
+    dtype: Option<String>,
 }
 
 fn default_ctx() -> usize {
@@ -40,8 +43,21 @@ fn default_ctx() -> usize {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_theta() -> f32 {
-    10_000.0
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f32>,
+}
+
+impl HfConfig {
+    fn weight_dtype(&self) -> Option<&str> {
+        self.torch_dtype.as_deref().or(self.dtype.as_deref())
+    }
+
+    fn rope_base(&self) -> f32 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0)
+    }
 }
 
 /// The shard files named by a `model.safetensors.index.json`.
@@ -83,7 +99,13 @@ struct Weights {
     opts: LoadOptions,
 }
 
-impl Weights {
+/// Tensors by HF checkpoint name, in the activation dtype on the target device.
+pub(super) trait NamedTensors {
+    fn get(&self, name: &str) -> Result<Tensor>;
+    fn has(&self, name: &str) -> bool;
+}
+
+impl NamedTensors for Weights {
     fn get(&self, name: &str) -> Result<Tensor> {
         let t = self
             .st
@@ -97,22 +119,6 @@ impl Weights {
 
     fn has(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
-    }
-
-    fn linear(&self, prefix: &str) -> Result<Linear> {
-        let bias = if self.has(&format!("{prefix}.bias")) {
-            Some(self.get(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
-        Ok(Linear::dense(self.get(&format!("{prefix}.weight"))?, bias))
-    }
-
-    fn norm(&self, name: &str, eps: f64) -> Result<Norm> {
-        Ok(Norm {
-            weight: self.get(name)?,
-            eps: eps as f32,
-        })
     }
 }
 
@@ -150,7 +156,7 @@ impl Model {
         let dtype = if opts.device.is_cpu() {
             DType::F32
         } else {
-            match hf.torch_dtype.as_deref() {
+            match hf.weight_dtype() {
                 Some("float16") => DType::F16,
                 Some("float32") => DType::F32,
                 _ => DType::BF16,
@@ -164,7 +170,7 @@ impl Model {
         };
         let heads = hf.num_attention_heads;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / heads);
-        let config = ModelConfig {
+        let config = ModelConfig::llama_like(&LlamaShape {
             arch,
             hidden: hf.hidden_size,
             layers: hf.num_hidden_layers,
@@ -175,42 +181,63 @@ impl Model {
             vocab: hf.vocab_size,
             context_length: hf.max_position_embeddings,
             norm_eps: hf.rms_norm_eps,
-            rope_theta: hf.rope_theta,
-            rope_theta_local: hf.rope_theta,
-            sliding_window: None,
-            rope_style: RopeStyle::Halves,
-            activation: Activation::Silu,
-            embed_scale: None,
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            rope_theta: hf.rope_base(),
+        });
+        let quantization = hf.weight_dtype().unwrap_or("f32").to_string();
+        let tied = hf.tie_word_embeddings || !w.has("lm_head.weight");
+        Self::from_named(config, &w, tied, quantization, opts, dtype)
+    }
+
+    /// Builds a llama-family model from tensors named as in HF checkpoints.
+    pub(super) fn from_named(
+        config: ModelConfig,
+        w: &dyn NamedTensors,
+        tied: bool,
+        quantization: String,
+        opts: &LoadOptions,
+        dtype: DType,
+    ) -> Result<Self> {
+        let eps = config.norm_eps as f32;
+        let linear = |prefix: &str| -> Result<Linear> {
+            let bias = if w.has(&format!("{prefix}.bias")) {
+                Some(w.get(&format!("{prefix}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::dense(w.get(&format!("{prefix}.weight"))?, bias))
         };
-        let eps = config.norm_eps;
+        let norm = |name: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: w.get(name)?,
+                eps,
+            })
+        };
         let mut blocks = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
-                attn_norm: w.norm(&format!("{p}.input_layernorm.weight"), eps)?,
-                q: w.linear(&format!("{p}.self_attn.q_proj"))?,
-                k: w.linear(&format!("{p}.self_attn.k_proj"))?,
-                v: w.linear(&format!("{p}.self_attn.v_proj"))?,
-                o: w.linear(&format!("{p}.self_attn.o_proj"))?,
+                attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                q: linear(&format!("{p}.self_attn.q_proj"))?,
+                k: linear(&format!("{p}.self_attn.k_proj"))?,
+                v: linear(&format!("{p}.self_attn.v_proj"))?,
+                o: linear(&format!("{p}.self_attn.o_proj"))?,
                 q_norm: None,
                 k_norm: None,
                 post_attn_norm: None,
-                ffn_norm: w.norm(&format!("{p}.post_attention_layernorm.weight"), eps)?,
-                gate: w.linear(&format!("{p}.mlp.gate_proj"))?,
-                up: w.linear(&format!("{p}.mlp.up_proj"))?,
-                down: w.linear(&format!("{p}.mlp.down_proj"))?,
+                ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj"))?,
+                up: linear(&format!("{p}.mlp.up_proj"))?,
+                down: linear(&format!("{p}.mlp.down_proj"))?,
                 post_ffn_norm: None,
             });
         }
         let embed = w.get("model.embed_tokens.weight")?;
-        let output = if !hf.tie_word_embeddings && w.has("lm_head.weight") {
-            w.linear("lm_head")?
-        } else {
+        let output = if tied {
             Linear::dense(embed.clone(), None)
+        } else {
+            linear("lm_head")?
         };
-        let quantization = hf.torch_dtype.clone().unwrap_or_else(|| "f32".into());
-        let final_norm = w.norm("model.norm.weight", eps)?;
+        let final_norm = norm("model.norm.weight")?;
         let embedding = Embedding::new(Table::Dense(embed), None, dtype, &opts.device)?;
         Self::assemble(
             Parts {
