@@ -30,8 +30,11 @@ fn bad(spec: &str) -> LmError {
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
+        // candle appends a backtrace to driver errors; the first line says what failed.
+        let e = e.to_string();
+        let why = e.lines().next().unwrap_or_default();
         LmError::InvalidInput(format!(
-            "cannot open CUDA device `{spec}`: {e}; check the GPU, its driver (CUDA 13.0+) and the ordinal"
+            "cannot open CUDA device `{spec}`: {why}; check the GPU, its driver (CUDA 13.0+) and the ordinal"
         ))
     })?;
     if let Device::Cuda(d) = &device {
