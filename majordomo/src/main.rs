@@ -44,6 +44,9 @@ struct CritiqueArgs {
     /// CPU threads for the model's kernels.
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print exactly the critique's JSON object on one line.
     #[arg(long)]
     json: bool,
@@ -71,6 +74,16 @@ fn read_draft(a: &CritiqueArgs) -> Result<String> {
     })
 }
 
+/// Opens `--device` and loads `--model` on it.
+fn load(model: &str, device: &str) -> Result<lm::LoadedModel> {
+    let device = lm::device::open(device).context("--device")?;
+    let opts = lm::LoadOptions {
+        device,
+        ..Default::default()
+    };
+    lm::LoadedModel::load(model, &opts).with_context(|| format!("loading --model {model}"))
+}
+
 fn run_critique(a: CritiqueArgs) -> Result<()> {
     if let Some(n) = a.threads {
         anyhow::ensure!(n >= 1, "--threads must be at least 1");
@@ -81,8 +94,7 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
         "--request is empty: say what the user asked for"
     );
     let draft = read_draft(&a)?;
-    let lm = lm::LoadedModel::load(&a.model, &lm::LoadOptions::default())
-        .with_context(|| format!("loading --model {}", a.model))?;
+    let lm = load(&a.model, &a.device)?;
     let md = Majordomo::new(Arc::new(lm))?;
     let req = CritiqueRequest {
         request: a.request.clone(),
@@ -126,6 +138,9 @@ struct BenchArgs {
     model: String,
     #[arg(long)]
     threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:<n>`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -140,8 +155,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         lm::threads::set_cpu_threads(n);
     }
     anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
-    let lm = lm::LoadedModel::load(&a.model, &lm::LoadOptions::default())
-        .with_context(|| format!("loading --model {}", a.model))?;
+    let lm = load(&a.model, &a.device)?;
     let md = Majordomo::new(Arc::new(lm))?;
     let report = majordomo::bench::run(&md, a.repeats)?;
     let _ = a.json;

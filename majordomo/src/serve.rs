@@ -12,6 +12,8 @@ pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     pub listen: String,
     pub model: String,
+    /// `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
+    pub device: String,
     pub threads: Option<usize>,
     pub max_context: usize,
     /// Requests decoding at once.
@@ -29,6 +31,9 @@ pub struct ServeFlags {
     pub listen: Option<String>,
     #[arg(long)]
     pub model: Option<String>,
+    /// `cpu`, `cuda` or `cuda:<n>`.
+    #[arg(long)]
+    pub device: Option<String>,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
@@ -44,6 +49,7 @@ impl ServeConfig {
         let mut b = config::Config::builder()
             .set_default("listen", "127.0.0.1:50052")?
             .set_default("model", "smollm2-135m")?
+            .set_default("device", "cpu")?
             .set_default("max_context", 4096)?
             .set_default("workers", 1)?
             .set_default("queue_capacity", 8)?;
@@ -55,6 +61,7 @@ impl ServeConfig {
             .add_source(config::Environment::with_prefix("MAJORDOMO").try_parsing(true))
             .set_override_option("listen", flags.listen.clone())?
             .set_override_option("model", flags.model.clone())?
+            .set_override_option("device", flags.device.clone())?
             .set_override_option("threads", n(flags.threads))?
             .set_override_option("max_context", n(flags.max_context))?
             .set_override_option("workers", n(flags.workers))?
@@ -82,8 +89,11 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     if let Some(n) = cfg.threads {
         lm::threads::set_cpu_threads(n);
     }
+    let device = lm::device::open(&cfg.device)
+        .map_err(|e| anyhow::anyhow!("device = `{}`: {e}", cfg.device))?;
     let opts = lm::LoadOptions {
         max_context: Some(cfg.max_context),
+        device,
         ..Default::default()
     };
     let model = cfg.model.clone();

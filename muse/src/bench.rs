@@ -27,7 +27,7 @@ fn latent_prompt(ids: &[u32]) -> Vec<u32> {
 }
 
 /// Latent steps/s per mode, in process: best of `repeats` bursts of `steps` from a primed state.
-fn latent_rates(
+pub(crate) fn latent_rates(
     lm: &lm::LoadedModel,
     ids: &[u32],
     steps: usize,
@@ -120,6 +120,23 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// Benchmark a model of this shape with random weights instead of --model (qwen2.5-0.5b,
+    /// qwen2.5-1.5b, qwen2.5-7b, tiny): nothing is downloaded.
+    #[arg(long, conflicts_with = "weights")]
+    shape: Option<String>,
+    /// Benchmark a bare safetensors directory (config.json + weights, no tokenizer needed).
+    #[arg(long)]
+    weights: Option<std::path::PathBuf>,
+    /// With --shape/--weights: a transformers reference on the same weights
+    /// (deploy/bench/hf_gpu_reference.py) to check logits and greedy tokens against.
+    #[arg(long)]
+    reference: Option<std::path::PathBuf>,
+    /// With --shape/--weights: sequences stepping together in the batched measurement.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Seed of the random weights (with --shape).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// A deterministic prompt of exactly `n` tokens.
@@ -136,6 +153,24 @@ fn prompt_ids(lm: &lm::LoadedModel, n: usize) -> Result<Vec<u32>> {
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_tokens >= 1, "--prompt-tokens must be at least 1");
     anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
+    if a.shape.is_some() || a.weights.is_some() {
+        let report = crate::bench_shape::run(&crate::bench_shape::ShapeBench {
+            shape: a.shape.clone(),
+            weights: a.weights.clone(),
+            reference: a.reference.clone(),
+            device: a.model.device.clone(),
+            seed: a.seed,
+            batch: a.batch,
+            steps: a.decode_tokens,
+            repeats: a.repeats,
+        })?;
+        println!("{report}");
+        return Ok(());
+    }
+    anyhow::ensure!(
+        a.reference.is_none(),
+        "--reference needs --shape or --weights"
+    );
     let t0 = Instant::now();
     let lm = Arc::new(a.model.load()?);
     let load_s = t0.elapsed().as_secs_f64();

@@ -186,11 +186,12 @@ impl DreamParams {
     }
 }
 
-/// Where a sequence stands: what the model said last.
+/// Where a sequence stands: what the model said last. Both stay on the model's device, so a
+/// latent step on a GPU never copies the vocabulary-sized logits to the host.
 #[derive(Debug, Clone)]
 pub struct Frontier {
-    /// Logits at the last position.
-    pub logits: Vec<f32>,
+    /// Logits `[1, vocab]` (f32) at the last position.
+    pub logits: Tensor,
     /// Final hidden state `[1, hidden]` at the last position.
     pub hidden: Tensor,
 }
@@ -200,9 +201,18 @@ impl Frontier {
     pub fn advance(lm: &LoadedModel, cache: &mut KvCache, input: Input) -> lm::Result<Self> {
         let h = lm.model.forward(input, cache)?;
         let n = h.dim(0)?;
-        let hidden = h.narrow(0, n - 1, 1)?;
-        let logits = lm.model.logits(&hidden)?.squeeze(0)?.to_vec1()?;
+        Self::at(lm, h.narrow(0, n - 1, 1)?)
+    }
+
+    /// The frontier after a forward that ended in `hidden [1, hidden]`.
+    pub fn at(lm: &LoadedModel, hidden: Tensor) -> lm::Result<Self> {
+        let logits = lm.model.logits(&hidden)?;
         Ok(Self { logits, hidden })
+    }
+
+    /// The logits as a host vector (token sampling and tests).
+    pub fn host_logits(&self) -> lm::Result<Vec<f32>> {
+        Ok(self.logits.squeeze(0)?.to_vec1()?)
     }
 }
 
@@ -222,7 +232,7 @@ pub fn burst(
     let rms_e = emb.mean_row_rms();
     let norm_limit = params.max_norm_ratio * rms_e * (emb.hidden() as f32).sqrt();
     let sampling = params.sampling();
-    let mut prev: Option<Scaled> = None;
+    let mut prev: Option<Previous> = None;
     let mut cold = 0usize;
     let mut entropies = Vec::new();
     let start_pos = cache.len();
@@ -233,9 +243,7 @@ pub fn burst(
             break;
         }
         let t0 = Instant::now();
-        let (scaled, full_entropy, kl) =
-            Scaled::new(&frontier.logits, params.temperature, prev.as_ref());
-        let kept = scaled.keep(&sampling, full_entropy);
+        let (kept, kl, this) = analyze(&frontier.logits, params, &sampling, prev.as_ref())?;
         let kept_entropy = kept.entropy();
         let mixed = add_noise(&kept, params, &mut rng);
         let e = latent_vector(lm, frontier, &mixed, params, rms_e, &mut rng)?;
@@ -266,7 +274,7 @@ pub fn burst(
             record.nearest = Some((token_text(lm, id), id, cos));
         }
         *frontier = Frontier::advance(lm, cache, Input::Vectors(&e))?;
-        prev = Some(scaled);
+        prev = Some(this);
         if !emit(&mut record, t0, params, &mut on_step) {
             stop = StopReason::Cancelled;
             break;
@@ -357,7 +365,8 @@ fn latent_vector(
     rng: &mut impl Rng,
 ) -> lm::Result<Tensor> {
     let emb = lm.model.embedding();
-    let concept = || emb.mix(&p.ids, &p.probs);
+    // In f32 whatever the model's dtype (bf16 on a GPU): noise, blending and norms are f32.
+    let concept = || -> lm::Result<Tensor> { Ok(emb.mix(&p.ids, &p.probs)?.to_dtype(DType::F32)?) };
     let hidden = || -> lm::Result<Tensor> {
         let h = frontier.hidden.to_dtype(DType::F32)?;
         let rms = h.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
@@ -455,29 +464,107 @@ impl Scaled {
             .map(|std::cmp::Reverse((z, i))| (z.0, i))
             .collect();
         top.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let full: Vec<f32> = top.iter().map(|&(z, _)| (z - self.log_z).exp()).collect();
-        let mut keep = top.len();
-        if params.top_p < 1.0 {
-            let mut acc = 0f32;
-            for (i, p) in full.iter().enumerate() {
-                acc += p;
-                if acc >= params.top_p {
-                    keep = i + 1;
-                    break;
-                }
+        keep_top(&top, self.log_z, params, full_entropy)
+    }
+}
+
+/// The kept distribution from the top candidates `(z, id)` (sorted, most probable first) of a
+/// distribution with log-normaliser `log_z`: top-p and min-p, renormalised.
+fn keep_top(
+    top: &[(f32, u32)],
+    log_z: f32,
+    params: &SamplingParams,
+    full_entropy: f32,
+) -> Distribution {
+    let full: Vec<f32> = top.iter().map(|&(z, _)| (z - log_z).exp()).collect();
+    let mut keep = top.len();
+    if params.top_p < 1.0 {
+        let mut acc = 0f32;
+        for (i, p) in full.iter().enumerate() {
+            acc += p;
+            if acc >= params.top_p {
+                keep = i + 1;
+                break;
             }
         }
-        if params.min_p > 0.0 {
-            let floor = params.min_p * full[0];
-            keep = keep.min(full.iter().take_while(|&&p| p >= floor).count().max(1));
-        }
-        let sum: f32 = full[..keep].iter().sum();
+    }
+    if params.min_p > 0.0 {
+        let floor = params.min_p * full[0];
+        keep = keep.min(full.iter().take_while(|&&p| p >= floor).count().max(1));
+    }
+    let sum: f32 = full[..keep].iter().sum();
+    Distribution {
+        ids: top[..keep].iter().map(|&(_, i)| i).collect(),
+        probs: full[..keep].iter().map(|p| p / sum).collect(),
+        full_entropy,
+    }
+}
+
+/// What the next step's KL is measured against: the previous step's distribution, where it
+/// was computed (host for CPU models, device log-probabilities for CUDA ones).
+enum Previous {
+    Host(Scaled),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(Tensor),
+}
+
+/// One step's distribution work: the kept distribution, `KL(p ‖ p_prev)`, and what the next
+/// step compares against. On a CUDA device only `k` candidates and three statistics reach
+/// the host.
+fn analyze(
+    logits: &Tensor,
+    params: &DreamParams,
+    sampling: &SamplingParams,
+    prev: Option<&Previous>,
+) -> lm::Result<(Distribution, Option<f32>, Previous)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return analyze_on_device(logits, params, sampling, prev);
+    }
+    let prev = match prev {
+        Some(Previous::Host(s)) => Some(s),
+        _ => None,
+    };
+    let host = logits.flatten_all()?.to_vec1::<f32>()?;
+    let (scaled, full_entropy, kl) = Scaled::new(&host, params.temperature, prev);
+    let kept = scaled.keep(sampling, full_entropy);
+    Ok((kept, kl, Previous::Host(scaled)))
+}
+
+#[cfg(feature = "cuda")]
+fn analyze_on_device(
+    logits: &Tensor,
+    params: &DreamParams,
+    sampling: &SamplingParams,
+    prev: Option<&Previous>,
+) -> lm::Result<(Distribution, Option<f32>, Previous)> {
+    let greedy = params.temperature == 0.0;
+    let inv_t = if greedy { 1.0 } else { 1.0 / params.temperature };
+    let prev_logp = match prev {
+        Some(Previous::Device(t)) => Some(t),
+        _ => None,
+    };
+    let (stats, logp) = lm::cuda::softmax_stats(logits, inv_t, prev_logp, true)?;
+    let vocab = logits.dim(1)?;
+    let k = if greedy { 1 } else { sampling.top_k.clamp(1, 1024).min(vocab) };
+    let (vals, idx) = lm::cuda::topk(logits, k)?;
+    // Two small copies to the host: the statistics with the values, then the ids.
+    let both: Vec<f32> = Tensor::cat(&[stats.flatten_all()?, vals.flatten_all()?], 0)?.to_vec1()?;
+    let idx: Vec<u32> = idx.flatten_all()?.to_vec1()?;
+    let (log_z, full_entropy, kl) = (both[0], both[1], both[2]);
+    let vals = &both[3..];
+    let kept = if greedy {
         Distribution {
-            ids: top[..keep].iter().map(|&(_, i)| i).collect(),
-            probs: full[..keep].iter().map(|p| p / sum).collect(),
+            ids: vec![idx[0]],
+            probs: vec![1.0],
             full_entropy,
         }
-    }
+    } else {
+        let top: Vec<(f32, u32)> = vals.iter().map(|&v| v * inv_t).zip(idx).collect();
+        keep_top(&top, log_z, sampling, full_entropy)
+    };
+    let logp = logp.expect("asked for log-probabilities");
+    Ok((kept, prev_logp.map(|_| kl), Previous::Device(logp)))
 }
 
 /// A float with a total order, for the top-k heap.

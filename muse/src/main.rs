@@ -1,6 +1,7 @@
 //! `muse`: the command line for people (generate, dream, bench) and the muse gRPC server.
 
 mod bench;
+mod bench_shape;
 mod cli_dream;
 
 use anyhow::{Context, Result};
@@ -41,6 +42,9 @@ pub struct ModelArgs {
     /// CPU threads for the model's kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Positions one sequence may hold (default: the model's context, at most 8192).
     #[arg(long)]
     pub max_context: Option<usize>,
@@ -53,8 +57,10 @@ impl ModelArgs {
             anyhow::ensure!(n >= 1, "--threads must be at least 1");
             lm::threads::set_cpu_threads(n);
         }
+        let device = lm::device::open(&self.device).context("--device")?;
         let opts = LoadOptions {
             max_context: self.max_context,
+            device,
             ..Default::default()
         };
         LoadedModel::load(&self.model, &opts)

@@ -12,6 +12,8 @@ pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     pub listen: String,
     pub model: String,
+    /// `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
+    pub device: String,
     /// CPU threads for model kernels (default: all cores).
     pub threads: Option<usize>,
     pub max_sessions: usize,
@@ -33,6 +35,9 @@ pub struct ServeFlags {
     pub listen: Option<String>,
     #[arg(long)]
     pub model: Option<String>,
+    /// `cpu`, `cuda` or `cuda:<n>`.
+    #[arg(long)]
+    pub device: Option<String>,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
@@ -50,6 +55,7 @@ impl ServeConfig {
         let mut b = config::Config::builder()
             .set_default("listen", "127.0.0.1:50051")?
             .set_default("model", "smollm2-135m")?
+            .set_default("device", "cpu")?
             .set_default("max_sessions", 16)?
             .set_default("max_context", 4096)?
             .set_default("kv_memory_mb", 2048)?
@@ -62,6 +68,7 @@ impl ServeConfig {
         let cfg = b
             .set_override_option("listen", flags.listen.clone())?
             .set_override_option("model", flags.model.clone())?
+            .set_override_option("device", flags.device.clone())?
             .set_override_option("threads", n(flags.threads))?
             .set_override_option("max_sessions", n(flags.max_sessions))?
             .set_override_option("max_context", n(flags.max_context))?
@@ -105,8 +112,11 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     if let Some(n) = cfg.threads {
         lm::threads::set_cpu_threads(n);
     }
+    let device = lm::device::open(&cfg.device)
+        .map_err(|e| anyhow::anyhow!("device = `{}`: {e}", cfg.device))?;
     let opts = LoadOptions {
         max_context: Some(cfg.max_context),
+        device,
         ..Default::default()
     };
     let model = cfg.model.clone();
@@ -116,6 +126,12 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         kv_memory_bytes: cfg.kv_memory_mb << 20,
         compute_slots: cfg.compute_slots,
     };
+    if lm.model.is_fused() && cfg.compute_slots == 1 {
+        tracing::warn!(
+            "compute_slots = 1 runs one session's step at a time; on a GPU set it to the batch \
+             you want (e.g. 8) so concurrent sessions' steps share one batched forward"
+        );
+    }
     let service = MuseService::new(Arc::new(lm), limits);
     tracing::info!(listen = cfg.listen, model = cfg.model, "muse serving");
     mm_proto::server::serve(

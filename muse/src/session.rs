@@ -3,6 +3,7 @@
 use crate::dream::{self, DreamParams, Frontier};
 use crate::telemetry::{BurstSummary, CommitSummary, LatentStep};
 use lm::generate::{self, GenerateOptions};
+use lm::candle::Tensor;
 use lm::model::Input;
 use lm::{ChatMessage, KvCache, LmError, LoadedModel};
 use serde::{Deserialize, Serialize};
@@ -79,9 +80,9 @@ impl<'m> DreamSession<'m> {
         &self.cache
     }
 
-    /// The next-token logits at the frontier (after a prime).
-    pub fn logits(&self) -> Option<&[f32]> {
-        self.frontier.as_ref().map(|f| f.logits.as_slice())
+    /// The next-token logits at the frontier (after a prime), copied to the host.
+    pub fn logits(&self) -> Option<Vec<f32>> {
+        self.frontier.as_ref().and_then(|f| f.host_logits().ok())
     }
 
     /// Resets the sequence and feeds the prologue as token ids; sets the `primed` checkpoint.
@@ -206,7 +207,7 @@ impl<'m> DreamSession<'m> {
         mut on_text: impl FnMut(&str),
     ) -> lm::Result<CommitSummary> {
         let t0 = Instant::now();
-        let logits = self.frontier_mut()?.logits.clone();
+        let logits = self.frontier_mut()?.host_logits()?;
         let before = self.snapshot()?;
         opts.sampling.validate()?;
         let d = match generate::decode(self.lm, &mut self.cache, logits, opts, &mut on_text) {
@@ -218,10 +219,9 @@ impl<'m> DreamSession<'m> {
         };
         let elapsed = t0.elapsed().as_secs_f64();
         if let Some(hidden) = d.hidden {
-            self.frontier = Some(Frontier {
-                logits: d.logits,
-                hidden,
-            });
+            let n = d.logits.len();
+            let logits = Tensor::from_vec(d.logits, (1, n), hidden.device())?;
+            self.frontier = Some(Frontier { logits, hidden });
         }
         if mode == CommitMode::Replace {
             if let Some(start) = self.last_burst.take() {

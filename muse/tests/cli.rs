@@ -120,3 +120,53 @@ fn bad_flags_are_named() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn shape_bench_runs_a_random_model_and_reports_every_figure() {
+    let (ok, stdout, stderr) = muse(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--batch",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["vocab"], 512);
+    assert_eq!(r["batch"], 3);
+    assert_eq!(r["fused_cuda_path"], false);
+    for key in [
+        "decode_tokens_per_s",
+        "batch_aggregate_tokens_per_s",
+        "latent_steps_per_s_concept",
+        "latent_steps_per_s_hidden",
+        "latent_steps_per_s_blend",
+        "concurrent_sessions_aggregate_latent_steps_per_s",
+    ] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
+    }
+    // The bound needs a GPU's copy bandwidth; on the CPU it is not reported.
+    assert!(r.get("decode_fraction_of_bound").is_none());
+}
+
+#[test]
+fn a_cuda_device_in_a_cpu_build_or_a_bad_device_is_named() {
+    let (ok, _, stderr) = muse(&["bench", "--shape", "tiny", "--device", "tpu:0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--device") && stderr.contains("cuda:<ordinal>"), "{stderr}");
+    let (ok, _, stderr) = muse(&["bench", "--shape", "nope", "--device", "cpu"]);
+    assert!(!ok);
+    assert!(stderr.contains("--shape") && stderr.contains("qwen2.5-1.5b"), "{stderr}");
+    if cfg!(not(feature = "cuda")) {
+        let (ok, _, stderr) = muse(&["bench", "--shape", "tiny", "--device", "cuda:0"]);
+        assert!(!ok);
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+    }
+}

@@ -98,7 +98,7 @@ fn one_hot_concepts_are_greedy_decoding() {
     assert_eq!(dreamt, greedy.tokens[..4].to_vec());
     // The fifth distribution after four one-hot steps is greedy's fifth choice.
     assert_eq!(
-        lm::sampling::argmax(session.logits().unwrap()),
+        lm::sampling::argmax(&session.logits().unwrap()),
         greedy.tokens[4]
     );
     assert!(steps.iter().all(|s| s.entropy == 0.0 && s.top[0].p == 1.0));
@@ -207,7 +207,7 @@ fn cold_stop_and_norm_guard_end_the_burst_with_a_reason() {
 fn commit_modes_and_rewind_manage_the_context() {
     let mut s = DreamSession::new(smollm());
     let primed = s.prime(&france()).unwrap();
-    let primed_logits = s.logits().unwrap().to_vec();
+    let primed_logits = s.logits().unwrap();
     let opts = GenerateOptions {
         sampling: SamplingParams::greedy(),
         max_tokens: 6,
@@ -226,7 +226,7 @@ fn commit_modes_and_rewind_manage_the_context() {
     assert_eq!(s.len(), primed + 4 + keep.tokens.len());
     s.rewind(PRIMED).unwrap();
     assert_eq!(s.len(), primed);
-    assert_eq!(s.logits().unwrap(), primed_logits.as_slice());
+    assert_eq!(s.logits().unwrap(), primed_logits);
     s.burst(
         &DreamParams {
             steps: 4,
@@ -259,13 +259,13 @@ fn commit_modes_and_rewind_manage_the_context() {
         .unwrap();
     let d = want
         .iter()
-        .zip(s.logits().unwrap())
+        .zip(&s.logits().unwrap())
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(d < 1.5, "frontier after replace differs by {d}");
     assert_eq!(
         lm::sampling::argmax(&want),
-        lm::sampling::argmax(s.logits().unwrap())
+        lm::sampling::argmax(&s.logits().unwrap())
     );
     let e = s.rewind("nope").unwrap_err().to_string();
     assert!(
