@@ -247,7 +247,7 @@ pub fn burst(
         let kept_entropy = kept.entropy();
         let mixed = add_noise(&kept, params, &mut rng);
         let e = latent_vector(lm, frontier, &mixed, params, rms_e, &mut rng)?;
-        let norm = e.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let norm = e.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         entropies.push(kept_entropy);
         let mut record = LatentStep {
             step,
@@ -368,9 +368,10 @@ fn latent_vector(
     // In f32 whatever the model's dtype (bf16 on a GPU): noise, blending and norms are f32.
     let concept = || -> lm::Result<Tensor> { Ok(emb.mix(&p.ids, &p.probs)?.to_dtype(DType::F32)?) };
     let hidden = || -> lm::Result<Tensor> {
+        // Rescaled on the model's device: no round trip to the host for the rms.
         let h = frontier.hidden.to_dtype(DType::F32)?;
-        let rms = h.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
-        Ok((h * (rms_e / rms.max(1e-12)) as f64)?)
+        let rms = (h.sqr()?.mean_all()?.sqrt()? + 1e-12)?;
+        Ok((h.broadcast_div(&rms)? * rms_e as f64)?)
     };
     let mut e = match params.mode {
         LatentMode::Concept => concept()?,
@@ -548,11 +549,19 @@ fn analyze_on_device(
     let vocab = logits.dim(1)?;
     let k = if greedy { 1 } else { sampling.top_k.clamp(1, 1024).min(vocab) };
     let (vals, idx) = lm::cuda::topk(logits, k)?;
-    // Two small copies to the host: the statistics with the values, then the ids.
-    let both: Vec<f32> = Tensor::cat(&[stats.flatten_all()?, vals.flatten_all()?], 0)?.to_vec1()?;
-    let idx: Vec<u32> = idx.flatten_all()?.to_vec1()?;
-    let (log_z, full_entropy, kl) = (both[0], both[1], both[2]);
-    let vals = &both[3..];
+    // One small copy to the host: statistics, values and ids (exact as f32 below 2^24).
+    let all: Vec<f32> = Tensor::cat(
+        &[
+            stats.flatten_all()?,
+            vals.flatten_all()?,
+            idx.flatten_all()?.to_dtype(DType::F32)?,
+        ],
+        0,
+    )?
+    .to_vec1()?;
+    let (log_z, full_entropy, kl) = (all[0], all[1], all[2]);
+    let vals = &all[3..3 + k];
+    let idx: Vec<u32> = all[3 + k..].iter().map(|&i| i as u32).collect();
     let kept = if greedy {
         Distribution {
             ids: vec![idx[0]],

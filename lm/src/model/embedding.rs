@@ -96,8 +96,10 @@ impl Embedding {
     /// `Σ wᵢ·E[idᵢ]` as `[1, hidden]`: a concept vector, from the kept rows only.
     pub fn mix(&self, ids: &[u32], weights: &[f32]) -> Result<Tensor> {
         let rows = self.rows(ids)?;
-        let w =
-            Tensor::from_slice(weights, (1, weights.len()), &self.device)?.to_dtype(self.dtype)?;
+        // Converted on the host: on a GPU that is one upload, not an upload and a cast.
+        let w = Tensor::from_slice(weights, (1, weights.len()), &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?;
         Ok(w.matmul(&rows)?)
     }
 
