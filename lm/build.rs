@@ -16,11 +16,23 @@ fn main() {
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "src/cuda/kernels.cu", "-o"])
+        .args([
+            "--ptx",
+            "-O3",
+            &format!("-arch=compute_{cap}"),
+            "src/cuda/kernels.cu",
+            "-o",
+        ])
         .arg(&out)
         .status()
-        .unwrap_or_else(|e| panic!("the `cuda` feature needs nvcc ({}): {e}; see README (GPU build)", nvcc.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the `cuda` feature needs nvcc ({}): {e}; see README (GPU build)",
+                nvcc.display()
+            )
+        });
     assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
 }

@@ -105,7 +105,10 @@ impl KvCache {
     /// Bytes held by the key/value buffers (allocated capacity, not just `len`).
     pub fn memory_bytes(&self) -> usize {
         if self.flat_elems > 0 {
-            return self.flat.as_ref().map_or(0, |_| self.flat_elems * self.dtype.size_in_bytes());
+            return self
+                .flat
+                .as_ref()
+                .map_or(0, |_| self.flat_elems * self.dtype.size_in_bytes());
         }
         self.layers.iter().flatten().count()
             * 2

@@ -240,7 +240,9 @@ impl Tokenizer {
             .build()
             .map_err(tok_err)?;
         let mut tk = tokenizers::Tokenizer::new(model);
-        tk.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+        tk.with_pre_tokenizer(Some(
+            tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+        ));
         Self::assemble(tk, None, None, false, vocab)
     }
 

@@ -26,7 +26,14 @@ fn a_batch_step_equals_one_step_per_sequence_and_advances_each_cache() {
     for (i, c) in single.iter_mut().enumerate() {
         let want = m.forward(Input::Tokens(&ids[i..=i]), c).unwrap();
         let got = h.narrow(0, i, 1).unwrap();
-        let d: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-5, "row {i} differs by {d}");
     }
     let lens: Vec<usize> = batch.iter().map(KvCache::len).collect();

@@ -15,7 +15,10 @@ fn gpu() -> Device {
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32)
         .map(|i| {
-            let x = i.wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(97)) % 20_011;
+            let x = i
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(97))
+                % 20_011;
             (x as f32 - 10_000.0) / 997.0
         })
         .collect()
@@ -68,8 +71,14 @@ fn softmax_stats_match_cpu_math() {
     let (pa, pb) = (logp(&a), logp(&b));
     let entropy: f64 = -pb.iter().map(|l| l.exp() * l).sum::<f64>();
     let kl: f64 = pb.iter().zip(&pa).map(|(l, q)| l.exp() * (l - q)).sum();
-    assert!((got[1] as f64 - entropy).abs() < 1e-3 * entropy.max(1.0), "{got:?} vs H {entropy}");
-    assert!((got[2] as f64 - kl).abs() < 1e-3 * kl.max(1.0), "{got:?} vs KL {kl}");
+    assert!(
+        (got[1] as f64 - entropy).abs() < 1e-3 * entropy.max(1.0),
+        "{got:?} vs H {entropy}"
+    );
+    assert!(
+        (got[2] as f64 - kl).abs() < 1e-3 * kl.max(1.0),
+        "{got:?} vs KL {kl}"
+    );
 }
 
 fn load(fused: bool) -> Model {
@@ -84,10 +93,26 @@ fn load(fused: bool) -> Model {
 
 /// Largest absolute difference relative to the largest magnitude.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let scale = b.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
 }
 
 #[test]
@@ -98,7 +123,11 @@ fn fused_path_matches_plain_ops_for_prompts_steps_batches_and_rewinds() {
     let vocab = fused.config().vocab as u32;
     let prompts: Vec<Vec<u32>> = [5usize, 17, 40]
         .iter()
-        .map(|&n| (0..n as u32).map(|i| (i * 7919 + n as u32) % vocab).collect())
+        .map(|&n| {
+            (0..n as u32)
+                .map(|i| (i * 7919 + n as u32) % vocab)
+                .collect()
+        })
         .collect();
     let mut fc: Vec<KvCache> = prompts.iter().map(|_| fused.new_cache()).collect();
     let mut pc: Vec<KvCache> = prompts.iter().map(|_| plain.new_cache()).collect();

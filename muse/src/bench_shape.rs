@@ -60,11 +60,7 @@ pub fn run(b: &ShapeBench) -> Result<serde_json::Value> {
     };
     let lm = LoadedModel::synthetic(model, &name)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let reference = b
-        .reference
-        .as_deref()
-        .map(read_reference)
-        .transpose()?;
+    let reference = b.reference.as_deref().map(read_reference).transpose()?;
     let vocab = lm.model.config().vocab as u32;
     let prompt: Vec<u32> = match &reference {
         Some(r) => r.prompt.clone(),
@@ -113,9 +109,10 @@ pub fn run(b: &ShapeBench) -> Result<serde_json::Value> {
 }
 
 fn read_reference(path: &Path) -> Result<Reference> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--reference {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("--reference {}: not a reference JSON", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--reference {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("--reference {}: not a reference JSON", path.display()))
 }
 
 /// Logits after the prompt against the reference's, and greedy tokens step by step.
@@ -175,8 +172,17 @@ fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
 
 /// Greedy decode tokens per second over `batch` sequences stepping together (best of
 /// `repeats`); batch 1 is the plain per-sequence forward.
-fn decode_rate(model: &Model, prompt: &[u32], batch: usize, steps: usize, repeats: usize) -> Result<f64> {
-    anyhow::ensure!(batch >= 1 && steps >= 1, "--batch and --steps must be at least 1");
+fn decode_rate(
+    model: &Model,
+    prompt: &[u32],
+    batch: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<f64> {
+    anyhow::ensure!(
+        batch >= 1 && steps >= 1,
+        "--batch and --steps must be at least 1"
+    );
     let mut best = f64::MAX;
     for round in 0..=repeats.max(1) {
         let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
@@ -207,7 +213,12 @@ fn decode_rate(model: &Model, prompt: &[u32], batch: usize, steps: usize, repeat
 
 /// Concept latent steps per second over `n` dream sessions bursting at once, each on its own
 /// thread as the muse service runs them: on the fused CUDA path their steps are batched.
-fn concurrent_sessions_rate(lm: &LoadedModel, prompt: &[u32], n: usize, steps: usize) -> Result<f64> {
+fn concurrent_sessions_rate(
+    lm: &LoadedModel,
+    prompt: &[u32],
+    n: usize,
+    steps: usize,
+) -> Result<f64> {
     use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
     use muse::session::{DreamSession, Prime};
     let params = DreamParams {
@@ -232,7 +243,10 @@ fn concurrent_sessions_rate(lm: &LoadedModel, prompt: &[u32], n: usize, steps: u
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a session thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a session thread panicked")))
+            })
             .collect()
     });
     let mut total = 0;

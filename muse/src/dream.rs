@@ -540,14 +540,22 @@ fn analyze_on_device(
     prev: Option<&Previous>,
 ) -> lm::Result<(Distribution, Option<f32>, Previous)> {
     let greedy = params.temperature == 0.0;
-    let inv_t = if greedy { 1.0 } else { 1.0 / params.temperature };
+    let inv_t = if greedy {
+        1.0
+    } else {
+        1.0 / params.temperature
+    };
     let prev_logp = match prev {
         Some(Previous::Device(t)) => Some(t),
         _ => None,
     };
     let (stats, logp) = lm::cuda::softmax_stats(logits, inv_t, prev_logp, true)?;
     let vocab = logits.dim(1)?;
-    let k = if greedy { 1 } else { sampling.top_k.clamp(1, 1024).min(vocab) };
+    let k = if greedy {
+        1
+    } else {
+        sampling.top_k.clamp(1, 1024).min(vocab)
+    };
     let (vals, idx) = lm::cuda::topk(logits, k)?;
     // One small copy to the host: statistics, values and ids (exact as f32 below 2^24).
     let all: Vec<f32> = Tensor::cat(

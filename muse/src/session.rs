@@ -2,8 +2,8 @@
 
 use crate::dream::{self, DreamParams, Frontier};
 use crate::telemetry::{BurstSummary, CommitSummary, LatentStep};
-use lm::generate::{self, GenerateOptions};
 use lm::candle::Tensor;
+use lm::generate::{self, GenerateOptions};
 use lm::model::Input;
 use lm::{ChatMessage, KvCache, LmError, LoadedModel};
 use serde::{Deserialize, Serialize};

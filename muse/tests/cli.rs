@@ -160,10 +160,16 @@ fn shape_bench_runs_a_random_model_and_reports_every_figure() {
 fn a_cuda_device_in_a_cpu_build_or_a_bad_device_is_named() {
     let (ok, _, stderr) = muse(&["bench", "--shape", "tiny", "--device", "tpu:0"]);
     assert!(!ok);
-    assert!(stderr.contains("--device") && stderr.contains("cuda:<ordinal>"), "{stderr}");
+    assert!(
+        stderr.contains("--device") && stderr.contains("cuda:<ordinal>"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = muse(&["bench", "--shape", "nope", "--device", "cpu"]);
     assert!(!ok);
-    assert!(stderr.contains("--shape") && stderr.contains("qwen2.5-1.5b"), "{stderr}");
+    assert!(
+        stderr.contains("--shape") && stderr.contains("qwen2.5-1.5b"),
+        "{stderr}"
+    );
     if cfg!(not(feature = "cuda")) {
         let (ok, _, stderr) = muse(&["bench", "--shape", "tiny", "--device", "cuda:0"]);
         assert!(!ok);

@@ -38,16 +38,20 @@ fn every_mode_runs_and_reports_kl_after_the_first_step() {
             telemetry: TelemetryLevel::Basic,
             ..Default::default()
         };
-        let b = s.burst(&params, |st| {
-            steps.push(st.clone());
-            true
-        })
-        .unwrap();
+        let b = s
+            .burst(&params, |st| {
+                steps.push(st.clone());
+                true
+            })
+            .unwrap();
         assert_eq!(b.steps, 6, "{mode:?}");
         assert_eq!(s.len(), 12 + 6);
         assert!(steps[0].kl_prev.is_none() && steps[1..].iter().all(|s| s.kl_prev.is_some()));
         for st in &steps {
-            assert!(st.entropy_full.is_finite() && st.entropy_full > 0.0, "{st:?}");
+            assert!(
+                st.entropy_full.is_finite() && st.entropy_full > 0.0,
+                "{st:?}"
+            );
             assert!(st.norm.is_finite() && st.norm > 0.0);
             let p: f32 = st.top.iter().map(|t| t.p).sum();
             assert!(p > 0.0 && p <= 1.0 + 1e-4);
@@ -73,13 +77,17 @@ fn top1_concept_steps_are_greedy_decoding() {
         true
     })
     .unwrap();
-    let Prime::Tokens(ids) = prompt() else { unreachable!() };
+    let Prime::Tokens(ids) = prompt() else {
+        unreachable!()
+    };
     let opts = lm::generate::GenerateOptions {
         sampling: lm::SamplingParams::greedy(),
         max_tokens: 5,
         ..Default::default()
     };
-    let greedy = lm::generate::generate(&lm, &ids, &opts, |_| {}).unwrap().tokens;
+    let greedy = lm::generate::generate(&lm, &ids, &opts, |_| {})
+        .unwrap()
+        .tokens;
     assert_eq!(dreamed, greedy);
 }
 

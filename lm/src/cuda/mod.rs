@@ -209,7 +209,9 @@ pub(crate) fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<()> {
     let dev = cuda_device(dst.device())?;
     if std::mem::size_of_val(src) > dst.elem_count() * dst.dtype().size_in_bytes() {
-        return Err(LmError::InvalidInput("upload larger than its buffer".into()));
+        return Err(LmError::InvalidInput(
+            "upload larger than its buffer".into(),
+        ));
     }
     let stream = dev.cuda_stream();
     // SAFETY: `dst` is a live allocation at least as large as `src` (checked above); the copy

@@ -112,9 +112,10 @@ impl Fused {
         let Device::Cuda(_) = device else {
             return Ok(None);
         };
-        let plain = blocks.iter().all(|b| {
-            b.q_norm.is_none() && b.post_attn_norm.is_none() && b.post_ffn_norm.is_none()
-        }) && c.sliding_window.is_none()
+        let plain = blocks
+            .iter()
+            .all(|b| b.q_norm.is_none() && b.post_attn_norm.is_none() && b.post_ffn_norm.is_none())
+            && c.sliding_window.is_none()
             && c.activation == super::Activation::Silu
             && c.embed_scale.is_none()
             && matches!(dtype, DType::BF16 | DType::F16)
@@ -124,17 +125,23 @@ impl Fused {
         }
         let mut layers = Vec::with_capacity(blocks.len());
         for b in blocks {
-            let (Some((q, qb)), Some((k, kb)), Some((v, vb))) = (b.q.dense_parts(), b.k.dense_parts(), b.v.dense_parts())
+            let (Some((q, qb)), Some((k, kb)), Some((v, vb))) =
+                (b.q.dense_parts(), b.k.dense_parts(), b.v.dense_parts())
             else {
                 return Ok(None);
             };
-            let (Some((o, None)), Some((g, None)), Some((u, None)), Some((d, None))) =
-                (b.o.dense_parts(), b.gate.dense_parts(), b.up.dense_parts(), b.down.dense_parts())
-            else {
+            let (Some((o, None)), Some((g, None)), Some((u, None)), Some((d, None))) = (
+                b.o.dense_parts(),
+                b.gate.dense_parts(),
+                b.up.dense_parts(),
+                b.down.dense_parts(),
+            ) else {
                 return Ok(None);
             };
             let qkv_bias = match (qb, kb, vb) {
-                (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?.contiguous()?),
+                (Some(qb), Some(kb), Some(vb)) => {
+                    Some(Tensor::cat(&[qb, kb, vb], 0)?.contiguous()?)
+                }
                 (None, None, None) => None,
                 _ => return Ok(None),
             };
@@ -321,9 +328,20 @@ impl Fused {
                 .map_err(candle_core::Error::wrap)?;
             body?;
             let Some(graph) = graph else {
-                return Err(LmError::InvalidInput("CUDA graph capture recorded nothing".into()));
+                return Err(LmError::InvalidInput(
+                    "CUDA graph capture recorded nothing".into(),
+                ));
             };
-            graphs.0.insert(b, Captured { graph, x, pos, kv, out });
+            graphs.0.insert(
+                b,
+                Captured {
+                    graph,
+                    x,
+                    pos,
+                    kv,
+                    out,
+                },
+            );
         }
         dev.synchronize()?;
         drop(scratch);
@@ -343,7 +361,11 @@ impl Fused {
         let dev = self.dev(resid)?;
         let rows = resid.dim(0)?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let (pos_a, kv_a, resid_a) = (Arg::Ptr(addr(pos)?), Arg::Ptr(addr(kv)?), Arg::Ptr(addr(resid)?));
+        let (pos_a, kv_a, resid_a) = (
+            Arg::Ptr(addr(pos)?),
+            Arg::Ptr(addr(kv)?),
+            Arg::Ptr(addr(resid)?),
+        );
         let mut delta: Option<Tensor> = None;
         for (i, l) in self.layers.iter().enumerate() {
             let normed = empty((rows, self.hidden), self.dtype, dev)?;

@@ -133,13 +133,13 @@ impl Model {
             None
         } else {
             fused::Fused::build(
-            &p.config,
-            &p.blocks,
-            &p.final_norm,
-            max_context,
-            dtype,
-            &opts.device,
-        )?
+                &p.config,
+                &p.blocks,
+                &p.final_norm,
+                max_context,
+                dtype,
+                &opts.device,
+            )?
         };
         #[cfg(feature = "cuda")]
         let max_context = fused.as_ref().map_or(max_context, |f| f.capacity());

@@ -131,6 +131,13 @@ impl Model {
             dtype,
             device: opts.device.clone(),
         };
-        Self::from_named(config, &source, shape.tied, format!("random {dtype:?}"), opts, dtype)
+        Self::from_named(
+            config,
+            &source,
+            shape.tied,
+            format!("random {dtype:?}"),
+            opts,
+            dtype,
+        )
     }
 }
