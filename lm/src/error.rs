@@ -45,8 +45,8 @@ pub enum LmError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    #[error("a batched step on the device failed: {0}")]
-    Batch(String),
+    #[error("CUDA device error: {0}")]
+    Device(String),
 
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

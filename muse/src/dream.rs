@@ -201,11 +201,7 @@ impl Frontier {
     pub fn advance(lm: &LoadedModel, cache: &mut KvCache, input: Input) -> lm::Result<Self> {
         let h = lm.model.forward(input, cache)?;
         let n = h.dim(0)?;
-        Self::at(lm, h.narrow(0, n - 1, 1)?)
-    }
-
-    /// The frontier after a forward that ended in `hidden [1, hidden]`.
-    pub fn at(lm: &LoadedModel, hidden: Tensor) -> lm::Result<Self> {
+        let hidden = h.narrow(0, n - 1, 1)?;
         let logits = lm.model.logits(&hidden)?;
         Ok(Self { logits, hidden })
     }

@@ -170,6 +170,24 @@ fn a_cuda_device_in_a_cpu_build_or_a_bad_device_is_named() {
         stderr.contains("--shape") && stderr.contains("qwen2.5-1.5b"),
         "{stderr}"
     );
+    let (ok, _, stderr) = muse(&["bench", "--reference", "ref.json"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--reference needs --shape or --weights"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = muse(&[
+        "bench",
+        "--shape",
+        "tiny",
+        "--reference",
+        "/nonexistent/ref.json",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--reference /nonexistent/ref.json"),
+        "{stderr}"
+    );
     if cfg!(not(feature = "cuda")) {
         let (ok, _, stderr) = muse(&["bench", "--shape", "tiny", "--device", "cuda:0"]);
         assert!(!ok);

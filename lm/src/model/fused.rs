@@ -112,15 +112,19 @@ impl Fused {
         let Device::Cuda(_) = device else {
             return Ok(None);
         };
+        // bf16 only: the kernels read and write bf16 activations.
         let plain = blocks
             .iter()
             .all(|b| b.q_norm.is_none() && b.post_attn_norm.is_none() && b.post_ffn_norm.is_none())
             && c.sliding_window.is_none()
             && c.activation == super::Activation::Silu
             && c.embed_scale.is_none()
-            && matches!(dtype, DType::BF16 | DType::F16)
-            && (0..c.layers).all(|l| c.rope_theta_of(l) == c.rope_theta);
-        if !plain || dtype != DType::BF16 {
+            && dtype == DType::BF16
+            && (0..c.layers).all(|l| c.rope_theta_of(l) == c.rope_theta)
+            && c.head_dim % 2 == 0
+            && c.head_dim <= 1024
+            && c.heads % c.kv_heads == 0;
+        if !plain {
             return Ok(None);
         }
         let mut layers = Vec::with_capacity(blocks.len());
@@ -155,9 +159,6 @@ impl Fused {
                 down: d.clone(),
             });
         }
-        if c.head_dim % 2 != 0 || c.head_dim > 1024 || c.heads % c.kv_heads != 0 {
-            return Ok(None);
-        }
         let fused = Self {
             layers,
             final_norm: final_norm.weight.clone(),
@@ -183,7 +184,7 @@ impl Fused {
     fn lock_graphs(&self) -> Result<std::sync::MutexGuard<'_, Graphs>> {
         self.graphs
             .lock()
-            .map_err(|_| LmError::InvalidInput("a CUDA graph launch panicked earlier".into()))
+            .map_err(|_| LmError::Device("a CUDA graph launch panicked earlier".into()))
     }
 
     /// Positions one sequence cache holds.
@@ -196,10 +197,6 @@ impl Fused {
         self.layers.len() * 2 * self.kv_heads * self.cap * self.head_dim
     }
 
-    fn dev<'a>(&self, t: &'a Tensor) -> Result<&'a CudaDevice> {
-        cuda::cuda_device(t.device())
-    }
-
     /// Runs `x [rows, hidden]` (one row per entry of `rows`) and returns the final hidden states.
     /// Single-position batches of up to [`GRAPH_BATCHES`] rows replay a captured graph.
     pub(crate) fn forward(&self, x: &Tensor, rows: &[Row]) -> Result<Tensor> {
@@ -210,6 +207,7 @@ impl Fused {
                 rows.len()
             )));
         }
+        // Callers reserve cache room first; this guards the kernels' writes all the same.
         if let Some(bad) = rows.iter().find(|r| r.pos >= self.cap) {
             return Err(LmError::ContextOverflow {
                 needed: bad.pos + 1,
@@ -234,7 +232,7 @@ impl Fused {
             }
         }
         drop(graphs);
-        let dev = self.dev(&x)?;
+        let dev = cuda::cuda_device(x.device())?;
         let resid = x.copy()?;
         let pos_t = Tensor::from_slice(&pos, rows.len(), x.device())?;
         let kv_t = Tensor::from_slice(&kv, rows.len(), x.device())?;
@@ -248,7 +246,7 @@ impl Fused {
     /// submit meanwhile (continuous batching at step granularity: latent steps and commit
     /// tokens of concurrent sessions share one forward). Returns this row's hidden state.
     pub(crate) fn step(&self, x: &Tensor, row: Row) -> Result<Tensor> {
-        let poisoned = || LmError::Batch("a batched step panicked".into());
+        let poisoned = || LmError::Device("a batched step panicked".into());
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
         let ticket = q.next_ticket;
         q.next_ticket += 1;
@@ -294,7 +292,12 @@ impl Fused {
             Err(e) => {
                 let msg = e.to_string();
                 jobs.iter()
-                    .map(|(t, _, _)| (*t, Err(LmError::Batch(msg.clone()))))
+                    .map(|(t, _, _)| {
+                        (
+                            *t,
+                            Err(LmError::Device(format!("a batched step failed: {msg}"))),
+                        )
+                    })
                     .collect()
             }
         }
@@ -303,10 +306,8 @@ impl Fused {
     /// Captures the single-position step for batch sizes `1..=max_batch`, against a scratch
     /// cache. Runs at load, before any other work can reach the device's stream.
     fn capture(&self, max_batch: usize) -> Result<()> {
-        let Some(dev) = self.final_norm.device().as_cuda_device().ok() else {
-            return Ok(());
-        };
         let device = self.final_norm.device();
+        let dev = cuda::cuda_device(device)?;
         let scratch = Tensor::zeros(self.cache_elems(), self.dtype, device)?;
         let scratch_addr = addr(&scratch)?;
         let mut graphs = self.lock_graphs()?;
@@ -328,7 +329,7 @@ impl Fused {
                 .map_err(candle_core::Error::wrap)?;
             body?;
             let Some(graph) = graph else {
-                return Err(LmError::InvalidInput(
+                return Err(LmError::Device(
                     "CUDA graph capture recorded nothing".into(),
                 ));
             };
@@ -358,7 +359,7 @@ impl Fused {
         out: &Tensor,
         span: usize,
     ) -> Result<()> {
-        let dev = self.dev(resid)?;
+        let dev = cuda::cuda_device(resid.device())?;
         let rows = resid.dim(0)?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let (pos_a, kv_a, resid_a) = (
