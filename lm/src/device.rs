@@ -33,7 +33,7 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
         // candle appends a backtrace to driver errors; the first line says what failed.
         let e = e.to_string();
         let why = e.lines().next().unwrap_or_default();
-        LmError::InvalidInput(format!(
+        LmError::Device(format!(
             "cannot open CUDA device `{spec}`: {why}; check the GPU, its driver (CUDA 13.0+) and the ordinal"
         ))
     })?;

@@ -14,6 +14,11 @@ pub enum LmError {
     #[error("model file not found: {}: check the path, or fetch the default models with `python3 deploy/fetch_models.py`", .0.display())]
     NotFound(PathBuf),
 
+    /// A default model is not in the local cache. The library does not fetch (that runs
+    /// Python): the `muse`, `majordomo` and `mm` commands do, or the user runs the script.
+    #[error("default model `{alias}` is not in the local cache: run `python3 deploy/fetch_models.py {alias}` (the muse, majordomo and mm commands fetch it on first use)")]
+    DefaultModelMissing { alias: &'static str },
+
     #[error("model `{spec}` is not in the local cache and could not be fetched: {why}")]
     Fetch { spec: String, why: String },
 
@@ -45,8 +50,17 @@ pub enum LmError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    #[error("CUDA device error: {0}")]
+    /// A parameter out of range: the caller's mistake, named.
+    #[error(transparent)]
+    InvalidParam(#[from] InvalidParam),
+
+    /// The device failed (a server fault: another replica may serve the request).
+    #[error("device error: {0}")]
     Device(String),
+
+    /// Tensors or weights are not laid out as the runtime expects (a server fault).
+    #[error("internal layout error: {0}")]
+    Layout(String),
 
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -56,3 +70,26 @@ pub enum LmError {
 }
 
 pub type Result<T> = std::result::Result<T, LmError>;
+
+/// A parameter that is out of range: the field as its API names it, and why. Each edge
+/// formats it its own way (`burst.top_p must be …` over gRPC, `--top-p must be …` on a CLI).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} {why}")]
+pub struct InvalidParam {
+    pub field: &'static str,
+    pub why: String,
+}
+
+impl InvalidParam {
+    pub fn new(field: &'static str, why: impl Into<String>) -> Self {
+        Self {
+            field,
+            why: why.into(),
+        }
+    }
+
+    /// As a command-line flag: `--top-p must be …`.
+    pub fn as_flag(&self) -> String {
+        format!("--{} {}", self.field.replace(['_', '.'], "-"), self.why)
+    }
+}

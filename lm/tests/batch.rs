@@ -2,7 +2,7 @@
 //! models, on the CPU: the contract the fused CUDA path implements (see tests/cuda.rs).
 
 use lm::candle::Tensor;
-use lm::model::{shape_named, Input, LoadOptions, Model};
+use lm::{shape_named, Input, LoadOptions, Model};
 use lm::{KvCache, LoadedModel};
 
 fn tiny() -> Model {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{by_alias, max_abs_diff};
-use lm::model::Input;
+use lm::Input;
 
 const MODELS: [&str; 2] = ["smollm2-135m", "gemma3-270m"];
 

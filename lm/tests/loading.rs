@@ -6,7 +6,7 @@ mod common;
 use common::max_abs_diff;
 use lm::candle::quantized::gguf_file;
 use lm::candle::{DType, Device, Tensor};
-use lm::model::Input;
+use lm::Input;
 use lm::{LmError, LoadOptions, LoadedModel};
 use std::collections::HashMap;
 use std::path::Path;
@@ -95,7 +95,7 @@ fn safetensors_f32_and_bf16_match_the_gguf_they_came_from() {
         let dir = tempfile::tempdir().unwrap();
         write_hf_model(dir.path(), dtype);
         let st = LoadedModel::load_path(dir.path(), &LoadOptions::default()).unwrap();
-        assert_eq!(st.model.config().arch, lm::model::Architecture::Llama);
+        assert_eq!(st.model.config().arch, lm::Architecture::Llama);
         assert_eq!(
             st.tokenizer.encode("Hello, world", true).unwrap(),
             reference.tokenizer.encode("Hello, world", true).unwrap()
@@ -104,8 +104,8 @@ fn safetensors_f32_and_bf16_match_the_gguf_they_came_from() {
         let d = max_abs_diff(&got, &want);
         assert!(d < tolerance, "{dtype:?}: max abs logit diff {d}");
         assert_eq!(
-            lm::sampling::argmax(&got),
-            lm::sampling::argmax(&want),
+            lm::argmax(&got),
+            lm::argmax(&want),
             "{dtype:?}: top token differs"
         );
         // The repo's own chat template and special tokens are used.
@@ -157,16 +157,16 @@ fn truncated_or_garbage_gguf_is_corrupt_not_a_panic() {
 #[test]
 fn wrong_sha256_is_a_checksum_error() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join(lm::source::ALIASES[0].file);
+    let p = dir.path().join(lm::ALIASES[0].file);
     std::fs::write(&p, b"tampered").unwrap();
-    let err = lm::source::verify(&lm::source::ALIASES[0], &p).unwrap_err();
+    let err = lm::verify(&lm::ALIASES[0], &p).unwrap_err();
     assert!(matches!(err, LmError::Checksum { .. }), "{err:?}");
     assert!(
         err.to_string().contains("delete it and fetch again"),
         "{err}"
     );
     // The real file verifies.
-    lm::source::verify(&lm::source::ALIASES[0], &smollm_path()).unwrap();
+    lm::verify(&lm::ALIASES[0], &smollm_path()).unwrap();
 }
 
 #[test]
@@ -230,6 +230,6 @@ fn prompt_longer_than_the_context_is_a_typed_error() {
         0,
         "a failed forward must leave the cache as it was"
     );
-    let g = lm::generate::generate(&lm, &ids, &Default::default(), |_| {}).unwrap_err();
+    let g = lm::generate(&lm, &ids, &Default::default(), |_| {}).unwrap_err();
     assert!(matches!(g, LmError::ContextOverflow { .. }));
 }

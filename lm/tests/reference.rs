@@ -4,7 +4,7 @@
 mod common;
 
 use common::{by_alias, fixture};
-use lm::model::Input;
+use lm::Input;
 
 fn check_tokenizer(alias: &str) {
     let lm = by_alias(alias);

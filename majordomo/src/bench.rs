@@ -3,8 +3,8 @@
 use crate::constrained;
 use crate::critique;
 use crate::review::{CritiqueRequest, Majordomo};
-use lm::model::Input;
-use lm::sampling::argmax;
+use lm::argmax;
+use lm::Input;
 use std::time::Instant;
 
 /// One measurement: tokens produced and seconds spent decoding them.
@@ -87,7 +87,7 @@ pub fn run(md: &Majordomo, repeats: usize) -> lm::Result<serde_json::Value> {
     })?;
     Ok(serde_json::json!({
         "model": lm.name,
-        "threads": lm::threads::cpu_threads(),
+        "threads": lm::cpu_threads(),
         "prompt_tokens": prompt.len(),
         "unconstrained": free,
         "constrained": without_ff,

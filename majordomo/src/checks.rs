@@ -1,5 +1,7 @@
 //! Deterministic checks of a draft, run beside the model and merged into its verdict: they
-//! catch what a small model misses (an earlier experiment rendered "Париж" as "ариж").
+//! catch what a small model misses (an earlier experiment rendered "Париж" as "ариж"; a dream
+//! that skipped a token wrote "This ha of the sea's power"). The dream lab measures replies
+//! with the same functions.
 
 use crate::critique::{Issue, IssueKind, Verdict};
 use std::collections::HashMap;
@@ -14,6 +16,12 @@ pub struct DraftStats {
     pub distinct_3: f32,
     /// Length (in words) of the longest word n-gram that occurs at least twice.
     pub longest_repeat: usize,
+    /// Lowercase words that are no English word, over lowercase words (0 when there are none).
+    pub broken_word_rate: f32,
+    /// The lowercase words that are no English word, in order.
+    pub broken_words: Vec<String>,
+    /// Times the most repeated non-empty line occurs.
+    pub max_line_repeats: usize,
     /// The share of the draft's letters in each script.
     pub scripts: Vec<(Script, f32)>,
 }
@@ -81,7 +89,8 @@ pub fn script_shares(text: &str) -> Vec<(Script, f32)> {
     v
 }
 
-fn words(text: &str) -> Vec<String> {
+/// The text's words, lowercased (letters, digits and apostrophes).
+pub fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric() && c != '\'')
         .filter(|w| !w.is_empty())
         .map(|w| w.to_lowercase())
@@ -115,6 +124,64 @@ pub fn longest_repeat(words: &[String]) -> usize {
         }
     }
     lo
+}
+
+/// The English word list (Debian's `wamerican-large`, SCOWL; see `data/README.md`): lowercase
+/// words, one a line, with contractions.
+const WORD_LIST: &str = include_str!("../data/words.txt");
+
+fn lexicon() -> &'static std::collections::HashSet<&'static str> {
+    static LEXICON: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    LEXICON.get_or_init(|| WORD_LIST.lines().collect())
+}
+
+/// Whether `word` (lowercase) is an English word: itself, or its stem before a possessive.
+fn is_word(word: &str) -> bool {
+    let lex = lexicon();
+    lex.contains(word)
+        || word
+            .strip_suffix("'s")
+            .or_else(|| word.strip_suffix('\''))
+            .is_some_and(|stem| lex.contains(stem))
+}
+
+/// The words of `text` that are no English word, and how many words were checked. Only
+/// all-lowercase words are checked: capitalised ones are names or sentence starts, which a
+/// word list cannot judge. Hyphenated compounds are checked part by part; numbers are skipped.
+/// What it catches: word pieces ("iku" for "haiku"), words fused across a skipped space
+/// ("oneleather"), garbled tokens.
+pub fn broken_words(text: &str) -> (Vec<String>, usize) {
+    let normalised = text.replace(['’', '‘'], "'");
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for token in normalised.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '-')) {
+        for part in token.split('-') {
+            let part = part.trim_matches('\'');
+            if part.is_empty()
+                || !part.chars().all(|c| c.is_lowercase() || c == '\'')
+                || part.chars().any(|c| c.is_ascii_digit())
+            {
+                continue;
+            }
+            checked += 1;
+            if !is_word(part) {
+                broken.push(part.to_string());
+            }
+        }
+    }
+    (broken, checked)
+}
+
+/// Times the most repeated non-empty line occurs (lines compared trimmed, lowercased).
+pub fn max_line_repeats(text: &str) -> usize {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for line in text.lines().map(|l| l.trim().to_lowercase()) {
+        if !line.is_empty() {
+            *counts.entry(line).or_default() += 1;
+        }
+    }
+    counts.values().copied().max().unwrap_or(0)
 }
 
 /// Chat-template markers and special tokens that must never reach a reader.
@@ -153,10 +220,23 @@ impl Default for LengthLimits {
     }
 }
 
+/// A line may occur this often; more is a loop.
+const MAX_LINE_REPEATS: usize = 2;
+/// Broken words that flag a draft: two of them, or one in twenty checked words. One slip in a
+/// long reply (a rare word the list lacks) does not.
+const BROKEN_WORDS_FLAGGED: usize = 2;
+const BROKEN_RATE_FLAGGED: f32 = 0.05;
+
+/// At most `max` characters of `s` (findings never echo unbounded text).
+fn clip(s: &str, max: usize) -> &str {
+    s.char_indices().nth(max).map_or(s, |(i, _)| &s[..i])
+}
+
 /// Runs every check. `format_requested`: the request asked for a format (list, JSON, quotes),
 /// so balanced brackets and quotes matter.
 pub fn check(request: &str, draft: &str, limits: LengthLimits) -> (DraftStats, Vec<Finding>) {
     let w = words(draft);
+    let (broken, checked) = broken_words(draft);
     let stats = DraftStats {
         chars: draft.chars().count(),
         words: w.len(),
@@ -164,6 +244,13 @@ pub fn check(request: &str, draft: &str, limits: LengthLimits) -> (DraftStats, V
         distinct_2: distinct_n(&w, 2),
         distinct_3: distinct_n(&w, 3),
         longest_repeat: longest_repeat(&w),
+        broken_word_rate: if checked == 0 {
+            0.0
+        } else {
+            broken.len() as f32 / checked as f32
+        },
+        broken_words: broken,
+        max_line_repeats: max_line_repeats(draft),
         scripts: script_shares(draft),
     };
     let mut findings = Vec::new();
@@ -212,6 +299,28 @@ pub fn check(request: &str, draft: &str, limits: LengthLimits) -> (DraftStats, V
                 stats.distinct_3, stats.longest_repeat
             ),
             verdict,
+        );
+    }
+    if stats.max_line_repeats > MAX_LINE_REPEATS {
+        add(
+            IssueKind::Repetition,
+            format!("a line repeats {} times", stats.max_line_repeats),
+            Verdict::Reject,
+        );
+    }
+    if stats.broken_words.len() >= BROKEN_WORDS_FLAGGED
+        || stats.broken_word_rate >= BROKEN_RATE_FLAGGED
+    {
+        let shown: Vec<&str> = stats
+            .broken_words
+            .iter()
+            .take(3)
+            .map(|w| clip(w, 24))
+            .collect();
+        add(
+            IssueKind::BrokenWords,
+            format!("no English word: {}", shown.join(", ")),
+            Verdict::Revise,
         );
     }
     if let Some(detail) = script_switch(request, draft) {
@@ -333,6 +442,37 @@ mod tests {
         let prose = "Waves fold over the pier while gulls argue about bread. Later the tide turns, and the harbour lights come on one by one.";
         let (_, f) = check("Write about the sea", prose, LengthLimits::default());
         assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn broken_and_fused_words_are_found_and_names_are_spared() {
+        let (broken, checked) =
+            broken_words("This ha of the sea's power: oneleather is a lighthouse keeper's iku.");
+        assert_eq!(broken, ["oneleather", "iku"]);
+        assert_eq!(checked, 11, "'This' is capitalised and not checked");
+        let (broken, _) = broken_words("Elara didn't see the well-known dream-like tide at 5pm.");
+        assert!(broken.is_empty(), "{broken:?}");
+        let (_, f) = check(
+            "Write a haiku about the sea.",
+            "This ha of the sea, iku waves oneleather and foam",
+            LengthLimits::default(),
+        );
+        assert!(
+            f.iter().any(|f| f.issue.kind == IssueKind::BrokenWords),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_line_repeated_more_than_twice_is_a_loop() {
+        let looping = "The lassi,\nThe lassi,\nLighthouse keeper,\nThe lassi,";
+        assert_eq!(max_line_repeats(looping), 3);
+        let (_, f) = check("Tell a story", looping, LengthLimits::default());
+        assert!(f
+            .iter()
+            .any(|f| f.issue.kind == IssueKind::Repetition && f.verdict == Verdict::Reject));
+        assert_eq!(max_line_repeats("a\nb\na"), 2);
+        assert_eq!(max_line_repeats(""), 0);
     }
 
     #[test]

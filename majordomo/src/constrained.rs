@@ -11,7 +11,7 @@ use llguidance::toktrie::{
     InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv,
 };
 use llguidance::{Matcher, ParserFactory};
-use lm::model::Input;
+use lm::Input;
 use lm::{KvCache, LoadedModel};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,8 +117,8 @@ pub fn decode(
     let started = Instant::now();
     let mut stats = DecodeStats::default();
     let mut tokens: Vec<u32> = Vec::new();
-    let mut stream = lm::stream::TextStream::new(&lm.tokenizer, &[]);
-    let mut emit = |ids: &[u32], stream: &mut lm::stream::TextStream| -> Result<()> {
+    let mut stream = lm::TextStream::new(&lm.tokenizer, &[]);
+    let mut emit = |ids: &[u32], stream: &mut lm::TextStream| -> Result<()> {
         for &id in ids {
             let piece = stream.push(id)?;
             if !piece.is_empty() {
@@ -146,7 +146,7 @@ pub fn decode(
         for l in logits.iter_mut().skip(mask.len()) {
             *l = f32::NEG_INFINITY;
         }
-        let id = lm::sampling::argmax(&logits);
+        let id = lm::argmax(&logits);
         if !mask.is_allowed(id) {
             return Err(MajordomoError::Grammar(
                 "no token satisfies the grammar".into(),

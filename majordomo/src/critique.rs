@@ -40,10 +40,11 @@ pub enum IssueKind {
     LanguageSwitch,
     Format,
     Empty,
+    BrokenWords,
 }
 
 impl IssueKind {
-    pub const ALL: [IssueKind; 7] = [
+    pub const ALL: [IssueKind; 8] = [
         Self::Contradiction,
         Self::Drift,
         Self::Repetition,
@@ -51,6 +52,7 @@ impl IssueKind {
         Self::LanguageSwitch,
         Self::Format,
         Self::Empty,
+        Self::BrokenWords,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +64,7 @@ impl IssueKind {
             Self::LanguageSwitch => "language_switch",
             Self::Format => "format",
             Self::Empty => "empty",
+            Self::BrokenWords => "broken_words",
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The majordomo: a sober token-space model that critiques and structures the muse's drafts as
-//! schema-valid JSON (DESIGN.md §5).
+//! schema-valid JSON (ARCHITECTURE.md).
 
 pub mod bench;
 pub mod checks;

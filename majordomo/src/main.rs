@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use majordomo::review::{CritiqueRequest, Majordomo};
+use mm_kit::model::ModelArgs;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -29,9 +30,8 @@ enum Command {
 
 #[derive(Args)]
 struct CritiqueArgs {
-    /// Model: an alias (smollm2-135m, gemma3-270m), hf:<org>/<repo>/<file>, or a path.
-    #[arg(long, default_value = "smollm2-135m")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// What the user asked for.
     #[arg(long)]
     request: String,
@@ -41,12 +41,6 @@ struct CritiqueArgs {
     /// A file holding the draft.
     #[arg(long)]
     draft_file: Option<std::path::PathBuf>,
-    /// CPU threads for the model's kernels.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Where the model runs: `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Print exactly the critique's JSON object on one line.
     #[arg(long)]
     json: bool,
@@ -74,27 +68,13 @@ fn read_draft(a: &CritiqueArgs) -> Result<String> {
     })
 }
 
-/// Opens `--device` and loads `--model` on it.
-fn load(model: &str, device: &str) -> Result<lm::LoadedModel> {
-    let device = lm::device::open(device).context("--device")?;
-    let opts = lm::LoadOptions {
-        device,
-        ..Default::default()
-    };
-    lm::LoadedModel::load(model, &opts).with_context(|| format!("loading --model {model}"))
-}
-
 fn run_critique(a: CritiqueArgs) -> Result<()> {
-    if let Some(n) = a.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
-        lm::threads::set_cpu_threads(n);
-    }
     anyhow::ensure!(
         !a.request.trim().is_empty(),
         "--request is empty: say what the user asked for"
     );
     let draft = read_draft(&a)?;
-    let lm = load(&a.model, &a.device)?;
+    let lm = a.model.load()?;
     let md = Majordomo::new(Arc::new(lm))?;
     let req = CritiqueRequest {
         request: a.request.clone(),
@@ -121,6 +101,12 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
             "advice: noise {:?}, steps {:?}",
             c.advice.noise, c.advice.steps
         );
+        if let Some(nll) = out.nll {
+            println!(
+                "fluency: {:.3} nats/token over {} tokens",
+                nll.mean, nll.tokens
+            );
+        }
         eprintln!(
             "({} tokens, {} forced, {:.1} tok/s, mask {:.0} µs/token)",
             out.decode.tokens,
@@ -134,13 +120,8 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
 
 #[derive(Args)]
 struct BenchArgs {
-    #[arg(long, default_value = "smollm2-135m")]
-    model: String,
-    #[arg(long)]
-    threads: Option<usize>,
-    /// `cpu`, `cuda` or `cuda:<n>`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Timed repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -150,12 +131,8 @@ struct BenchArgs {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
-    if let Some(n) = a.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
-        lm::threads::set_cpu_threads(n);
-    }
     anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
-    let lm = load(&a.model, &a.device)?;
+    let lm = a.model.load()?;
     let md = Majordomo::new(Arc::new(lm))?;
     let report = majordomo::bench::run(&md, a.repeats)?;
     let _ = a.json;
@@ -164,8 +141,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn run_serve(flags: majordomo::serve::ServeFlags) -> Result<()> {
-    let cfg =
-        majordomo::serve::ServeConfig::load(&flags).context("majordomo serve configuration")?;
+    let cfg = majordomo::serve::ServeConfig::load(&flags, None)
+        .context("majordomo serve configuration")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -173,12 +150,7 @@ fn run_serve(flags: majordomo::serve::ServeFlags) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    mm_kit::trace::init();
     let result = match Cli::parse().command {
         Command::Critique(a) => run_critique(a),
         Command::Serve(flags) => run_serve(flags),

@@ -5,7 +5,7 @@ use crate::checks::{self, DraftStats, LengthLimits};
 use crate::constrained::{self, Constrainer, DecodeStats};
 use crate::critique::{self, Critique, IssueKind, NoiseAdvice, Structure, Verdict};
 use crate::error::{MajordomoError, Result};
-use lm::model::Input;
+use lm::Input;
 use lm::{ChatMessage, LoadedModel};
 use std::sync::Arc;
 
@@ -50,8 +50,12 @@ pub struct CritiqueOutcome {
     pub critique: Critique,
     /// The model's own JSON, as decoded.
     pub model_json: String,
+    /// What the deterministic checks found (their kinds), whatever the model said.
+    pub findings: Vec<IssueKind>,
     pub stats: DraftStats,
     pub decode: DecodeStats,
+    /// The draft's fluency under this model, given the request; none for an empty draft.
+    pub nll: Option<lm::Nll>,
 }
 
 /// Request limits, checked at the API edge.
@@ -163,7 +167,24 @@ impl Majordomo {
             model_json,
             stats,
             decode,
+            nll: self.fluency(&r.request, &r.draft)?,
+            findings: findings.iter().map(|f| f.issue.kind).collect(),
         })
+    }
+
+    /// The mean per-token NLL of `draft` as this model's reply to `request`: one prompt pass,
+    /// a sober signal that holds when a small critic's JSON opinion does not.
+    pub fn fluency(&self, request: &str, draft: &str) -> Result<Option<lm::Nll>> {
+        let draft = draft.trim();
+        if draft.is_empty() {
+            return Ok(None);
+        }
+        let context = self.lm.chat_prompt(&[ChatMessage::user(defuse(request))])?;
+        let reply = self.lm.tokenizer.encode_with(draft, false, false)?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(lm::continuation_nll(&self.lm, &context, &reply)?))
     }
 
     /// A draft's structure: title, points, summary.

@@ -3,11 +3,16 @@
 
 use crate::review::Majordomo;
 use crate::service::MajordomoService;
-use serde::Deserialize;
+use mm_kit::config::{self, ConfigError, Overrides, Sources};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The majordomo service's configuration. `Default` holds the defaults (documented in
+/// `deploy/majordomo.example.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     pub listen: String,
@@ -20,6 +25,20 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50052".into(),
+            model: "smollm2-135m".into(),
+            device: "cpu".into(),
+            threads: None,
+            max_context: 4096,
+            workers: 1,
+            queue_capacity: 8,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -45,37 +64,35 @@ pub struct ServeFlags {
 }
 
 impl ServeConfig {
-    pub fn load(flags: &ServeFlags) -> Result<Self, config::ConfigError> {
-        let mut b = config::Config::builder()
-            .set_default("listen", "127.0.0.1:50052")?
-            .set_default("model", "smollm2-135m")?
-            .set_default("device", "cpu")?
-            .set_default("max_context", 4096)?
-            .set_default("workers", 1)?
-            .set_default("queue_capacity", 8)?;
-        if let Some(path) = &flags.config {
-            b = b.add_source(config::File::from(path.as_path()).required(true));
-        }
+    /// Defaults, then the file, then `MAJORDOMO_*` (`env`: the process environment when
+    /// `None`), then flags.
+    pub fn load(
+        flags: &ServeFlags,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let n = |v: Option<usize>| v.map(|x| x as u64);
-        let cfg: Self = b
-            .add_source(config::Environment::with_prefix("MAJORDOMO").try_parsing(true))
-            .set_override_option("listen", flags.listen.clone())?
-            .set_override_option("model", flags.model.clone())?
-            .set_override_option("device", flags.device.clone())?
-            .set_override_option("threads", n(flags.threads))?
-            .set_override_option("max_context", n(flags.max_context))?
-            .set_override_option("workers", n(flags.workers))?
-            .set_override_option("queue_capacity", n(flags.queue_capacity))?
-            .build()?
-            .try_deserialize()?;
+        let cfg: Self = config::load(Sources {
+            prefix: "MAJORDOMO",
+            file: flags.config.as_deref(),
+            list_keys: &[],
+            env,
+            overrides: Overrides::default()
+                .set("listen", flags.listen.clone())
+                .set("model", flags.model.clone())
+                .set("device", flags.device.clone())
+                .set("threads", n(flags.threads))
+                .set("max_context", n(flags.max_context))
+                .set("workers", n(flags.workers))
+                .set("queue_capacity", n(flags.queue_capacity)),
+        })?;
         if cfg.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(config::ConfigError::Message(format!(
+            return Err(ConfigError::Message(format!(
                 "listen = `{}` is not an address like 127.0.0.1:50052",
                 cfg.listen
             )));
         }
         if cfg.workers == 0 || cfg.max_context < 512 || cfg.threads == Some(0) {
-            return Err(config::ConfigError::Message(
+            return Err(ConfigError::Message(
                 "workers and threads must be >= 1, max_context >= 512".into(),
             ));
         }
@@ -86,26 +103,15 @@ impl ServeConfig {
 /// Loads the model, builds the grammar engine and serves until ctrl-c. Prints
 /// `listening on <addr>` on stdout once ready.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    if let Some(n) = cfg.threads {
-        lm::threads::set_cpu_threads(n);
-    }
-    let device = lm::device::open(&cfg.device)
-        .map_err(|e| anyhow::anyhow!("device = `{}`: {e}", cfg.device))?;
-    let opts = lm::LoadOptions {
-        max_context: Some(cfg.max_context),
-        device,
-        ..Default::default()
-    };
-    let model = cfg.model.clone();
+    let c = cfg.clone();
     let md = tokio::task::spawn_blocking(move || -> anyhow::Result<Majordomo> {
-        Ok(Majordomo::new(Arc::new(lm::LoadedModel::load(
-            &model, &opts,
-        )?))?)
+        let lm = mm_kit::model::load(&c.model, &c.device, c.threads, Some(c.max_context))?;
+        Ok(Majordomo::new(Arc::new(lm))?)
     })
     .await??;
     let service = MajordomoService::new(Arc::new(md), cfg.workers, cfg.queue_capacity);
     tracing::info!(listen = cfg.listen, model = cfg.model, "majordomo serving");
-    mm_proto::server::serve(
+    mm_kit::serve::serve(
         &cfg.listen,
         "majordomo.v1.Majordomo",
         tonic::service::Routes::new(service.into_server()),
@@ -127,10 +133,19 @@ mod tests {
             workers: Some(2),
             ..Default::default()
         };
-        let c = ServeConfig::load(&flags).unwrap();
+        let c = ServeConfig::load(&flags, Some(HashMap::new())).unwrap();
         assert_eq!(
             (c.workers, c.queue_capacity, c.listen.as_str()),
             (2, 8, "127.0.0.1:50052")
         );
+        let env = [
+            ("MAJORDOMO_WORKERS", "3"),
+            ("MAJORDOMO_MODEL", "gemma3-270m"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = ServeConfig::load(&ServeFlags::default(), Some(env)).unwrap();
+        assert_eq!((c.workers, c.model.as_str()), (3, "gemma3-270m"));
     }
 }

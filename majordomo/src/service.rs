@@ -49,14 +49,26 @@ impl MajordomoService {
     }
 }
 
+/// The request's mistakes as INVALID_ARGUMENT / OUT_OF_RANGE, the server's faults as
+/// INTERNAL / UNAVAILABLE (the orchestrator fails over on those).
 pub fn status_of(e: &MajordomoError) -> Status {
     match e {
         MajordomoError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
-        MajordomoError::Lm(lm::LmError::ContextOverflow { .. }) => {
-            Status::out_of_range(e.to_string())
-        }
-        MajordomoError::Lm(lm::LmError::InvalidInput(m)) => Status::invalid_argument(m.clone()),
-        _ => Status::internal(e.to_string()),
+        MajordomoError::Lm(lm) => mm_kit::status::status_of(lm),
+        MajordomoError::Grammar(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn issue_kind(k: IssueKind) -> pb::IssueKind {
+    match k {
+        IssueKind::Contradiction => pb::IssueKind::Contradiction,
+        IssueKind::Drift => pb::IssueKind::Drift,
+        IssueKind::Repetition => pb::IssueKind::Repetition,
+        IssueKind::OffTopic => pb::IssueKind::OffTopic,
+        IssueKind::LanguageSwitch => pb::IssueKind::LanguageSwitch,
+        IssueKind::Format => pb::IssueKind::Format,
+        IssueKind::Empty => pb::IssueKind::Empty,
+        IssueKind::BrokenWords => pb::IssueKind::BrokenWords,
     }
 }
 
@@ -82,15 +94,7 @@ pub fn to_pb(c: &Critique) -> pb::Critique {
             .issues
             .iter()
             .map(|i| pb::Issue {
-                kind: match i.kind {
-                    IssueKind::Contradiction => pb::IssueKind::Contradiction,
-                    IssueKind::Drift => pb::IssueKind::Drift,
-                    IssueKind::Repetition => pb::IssueKind::Repetition,
-                    IssueKind::OffTopic => pb::IssueKind::OffTopic,
-                    IssueKind::LanguageSwitch => pb::IssueKind::LanguageSwitch,
-                    IssueKind::Format => pb::IssueKind::Format,
-                    IssueKind::Empty => pb::IssueKind::Empty,
-                } as i32,
+                kind: issue_kind(i.kind) as i32,
                 detail: i.detail.clone(),
             })
             .collect(),
@@ -168,6 +172,8 @@ impl pb::majordomo_server::Majordomo for MajordomoService {
                             distinct_2: out.stats.distinct_2,
                             distinct_3: out.stats.distinct_3,
                             longest_repeat: out.stats.longest_repeat as u32,
+                            broken_word_rate: out.stats.broken_word_rate,
+                            max_line_repeats: out.stats.max_line_repeats as u32,
                         }),
                         decode: Some(pb::DecodeStats {
                             tokens: out.decode.tokens as u32,
@@ -175,6 +181,9 @@ impl pb::majordomo_server::Majordomo for MajordomoService {
                             millis: out.decode.total_time.as_secs_f64() * 1e3,
                             mask_micros_per_token: out.decode.mask_micros_per_token(),
                         }),
+                        findings: out.findings.iter().map(|k| issue_kind(*k) as i32).collect(),
+                        nll: out.nll.map(|n| n.mean),
+                        nll_tokens: out.nll.map_or(0, |n| n.tokens as u32),
                     })),
                 }),
                 Ok(Err(e)) => Err(status_of(&e)),

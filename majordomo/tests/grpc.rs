@@ -29,7 +29,7 @@ fn start(extra: &[&str]) -> Server {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start majordomo serve");
-    let addr = mm_proto::server::listening_address(&mut child).unwrap();
+    let addr = mm_kit::serve::listening_address(&mut child).unwrap();
     Server(child, addr)
 }
 

@@ -3,8 +3,7 @@
 use crate::ModelArgs;
 use anyhow::Result;
 use clap::Args;
-use lm::model::Input;
-use lm::sampling::argmax;
+use lm::{argmax, Input};
 use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
 use muse::session::{DreamSession, Prime};
 use std::sync::Arc;
@@ -21,9 +20,15 @@ fn bench_burst(mode: LatentMode, steps: usize) -> DreamParams {
     }
 }
 
-/// The part of the benchmark prompt that primes latent measurements.
-fn latent_prompt(ids: &[u32]) -> Vec<u32> {
-    ids[..ids.len().min(32)].to_vec()
+/// The part of the benchmark prompt that primes latent measurements: at most 32 tokens, cut
+/// after a word (bursts start between words).
+fn latent_prompt(lm: &lm::LoadedModel, ids: &[u32]) -> Vec<u32> {
+    let head = &ids[..ids.len().min(32)];
+    let end = head
+        .iter()
+        .rposition(|&t| lm.tokenizer.ends_word(t))
+        .map_or(head.len(), |i| i + 1);
+    head[..end].to_vec()
 }
 
 /// Latent steps/s per mode, in process: best of `repeats` bursts of `steps` from a primed state.
@@ -34,11 +39,11 @@ pub(crate) fn latent_rates(
     repeats: usize,
 ) -> Result<Vec<(&'static str, f64)>> {
     let mut out = Vec::new();
-    for mode in [LatentMode::Concept, LatentMode::Hidden, LatentMode::Blend] {
+    for mode in LatentMode::ALL {
         let mut best = f64::MAX;
         for _ in 0..repeats {
             let mut s = DreamSession::new(lm);
-            s.prime(&Prime::Tokens(latent_prompt(ids)))?;
+            s.prime(&Prime::Tokens(latent_prompt(lm, ids)))?;
             let t = Instant::now();
             let b = s.burst(&bench_burst(mode, steps), |_| true)?;
             anyhow::ensure!(
@@ -58,6 +63,7 @@ pub(crate) fn latent_rates(
 fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize) -> Result<f64> {
     use mm_proto::muse::v1 as pb;
     use pb::client_command::Command as C;
+    let prompt = latent_prompt(&lm, ids);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -82,7 +88,7 @@ fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize
             let mut s = mm_proto::muse_session::SessionClient::open(&mut client).await?;
             let prime = pb::Prime {
                 prompt: Some(pb::prime::Prompt::Tokens(pb::TokenIds {
-                    ids: latent_prompt(ids),
+                    ids: prompt.clone(),
                 })),
             };
             s.run(C::Prime(prime)).await?;
@@ -204,7 +210,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "model": lm.name,
         "architecture": model.config().arch.name(),
         "quantization": model.quantization(),
-        "threads": lm::threads::cpu_threads(),
+        "threads": lm::cpu_threads(),
         "prompt_tokens": a.prompt_tokens,
         "prompt_tokens_per_s": a.prompt_tokens as f64 / best_prompt,
         "decode_tokens": a.decode_tokens,

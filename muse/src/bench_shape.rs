@@ -8,7 +8,7 @@
 use crate::bench::latent_rates;
 use anyhow::{Context, Result};
 use lm::candle::{Tensor, D};
-use lm::model::{shape_named, Input, LoadOptions, Model};
+use lm::{shape_named, Input, LoadOptions, Model};
 use lm::{KvCache, LoadedModel};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -40,7 +40,7 @@ struct Reference {
 }
 
 pub fn run(b: &ShapeBench) -> Result<serde_json::Value> {
-    let device = lm::device::open(&b.device).context("--device")?;
+    let device = lm::open_device(&b.device).context("--device")?;
     let opts = LoadOptions {
         device: device.clone(),
         ..Default::default()
@@ -99,7 +99,7 @@ pub fn run(b: &ShapeBench) -> Result<serde_json::Value> {
     }
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        let bw = lm::cuda::copy_bandwidth(&device)?;
+        let bw = lm::copy_bandwidth(&device)?;
         let bound = bw / lm.model.weight_bytes_per_token() as f64;
         report["copy_bandwidth_bytes_per_s"] = bw.into();
         report["bandwidth_bound_tokens_per_s"] = bound.into();
@@ -138,13 +138,13 @@ fn check(model: &Model, r: &Reference) -> Result<serde_json::Value> {
     // part at the first near-tie; this measures agreement without that cascade.
     let mut forced = model.new_cache();
     model.forward(Input::Tokens(&r.prompt), &mut forced)?;
-    let mut agree = usize::from(lm::sampling::argmax(&ours) == r.greedy[0]);
+    let mut agree = usize::from(lm::argmax(&ours) == r.greedy[0]);
     for w in r.greedy.windows(2) {
         let h = model.forward(Input::Tokens(&w[..1]), &mut forced)?;
         agree += usize::from(argmax_rows(&model.logits(&h)?)?[0] == w[1]);
     }
     let mut greedy = Vec::with_capacity(r.greedy.len());
-    let mut id = lm::sampling::argmax(&ours);
+    let mut id = lm::argmax(&ours);
     for _ in 0..r.greedy.len() {
         greedy.push(id);
         let h = model.forward(Input::Tokens(&[id]), &mut cache)?;

@@ -1,13 +1,22 @@
-//! Proto messages to domain types and back. Validation errors name the proto field, so a
-//! client sees INVALID_ARGUMENT with a message saying what to fix.
+//! The muse's gRPC edge: proto messages to domain types (validated once, here) and back.
+//! Validation errors name the proto field, so a client sees INVALID_ARGUMENT saying what to fix.
 
 use crate::dream::{ColdStop, DreamParams, LatentMode, TelemetryLevel};
-use crate::session::{CommitMode, Prime};
-use crate::telemetry::LatentStep;
-use lm::generate::GenerateOptions;
-use lm::{ChatMessage, LoadedModel, SamplingParams};
+use crate::render::{Framing, Leash, Proposal, Render};
+use crate::session::{CommitParams, Prime};
+use crate::telemetry::{BurstStop, LatentStep};
+use lm::{ChatMessage, GenerateOptions, InvalidParam, SamplingParams, StopReason};
 use mm_proto::muse::v1 as pb;
 use tonic::Status;
+
+/// A field's error as the client's status: the field path, then what is wrong.
+pub fn invalid(prefix: &str, e: InvalidParam) -> Status {
+    Status::invalid_argument(format!("{prefix}.{e}"))
+}
+
+fn bad_enum(field: &str, value: i32, kind: &str) -> Status {
+    Status::invalid_argument(format!("{field} {value} is not a {kind}"))
+}
 
 pub fn prime(p: &pb::Prime) -> Result<Prime, Status> {
     use pb::prime::Prompt;
@@ -56,58 +65,55 @@ pub fn prime_len_hint(p: &Prime) -> usize {
     }
 }
 
-pub fn dream_params(b: &pb::DreamBurst) -> Result<DreamParams, Status> {
-    let d = DreamParams::default();
-    let mode = match pb::LatentMode::try_from(b.mode) {
-        Ok(pb::LatentMode::Unspecified | pb::LatentMode::Concept) => LatentMode::Concept,
-        Ok(pb::LatentMode::Hidden) => LatentMode::Hidden,
-        Ok(pb::LatentMode::Blend) => LatentMode::Blend,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "burst.mode {} is not a LatentMode",
-                b.mode
-            )))
-        }
-    };
-    let telemetry = match pb::TelemetryLevel::try_from(b.telemetry) {
-        Ok(pb::TelemetryLevel::Unspecified | pb::TelemetryLevel::Basic) => TelemetryLevel::Basic,
-        Ok(pb::TelemetryLevel::None) => TelemetryLevel::None,
-        Ok(pb::TelemetryLevel::Full) => TelemetryLevel::Full,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "burst.telemetry {} is not a TelemetryLevel",
-                b.telemetry
-            )))
-        }
-    };
-    let params = DreamParams {
-        mode,
-        blend_alpha: b.blend_alpha.unwrap_or(d.blend_alpha),
-        temperature: b.temperature.unwrap_or(d.temperature),
-        top_k: b.top_k.map_or(d.top_k, |k| k as usize),
-        top_p: b.top_p.unwrap_or(d.top_p),
-        min_p: b.min_p.unwrap_or(d.min_p),
-        gumbel_tau: b.gumbel_tau,
-        dirichlet_alpha: b.dirichlet_alpha,
-        noise: b.noise.unwrap_or(d.noise),
-        target_rms: b.target_rms,
-        seed: b.seed,
-        steps: b.steps as usize,
-        cold_stop: b.cold_stop.map(|c| ColdStop {
-            threshold: c.threshold,
-            patience: c.patience as usize,
-        }),
-        max_norm_ratio: b.max_norm_ratio.unwrap_or(d.max_norm_ratio),
-        telemetry,
-        top_n: b.top_n.map_or(d.top_n, |n| n as usize),
-    };
-    params
-        .validate()
-        .map_err(|e| Status::invalid_argument(format!("burst.{e}")))?;
-    Ok(params)
+impl TryFrom<&pb::DreamBurst> for DreamParams {
+    type Error = Status;
+
+    fn try_from(b: &pb::DreamBurst) -> Result<Self, Status> {
+        let d = DreamParams::default();
+        let mode = match pb::LatentMode::try_from(b.mode) {
+            Ok(pb::LatentMode::Unspecified | pb::LatentMode::Concept) => LatentMode::Concept,
+            Ok(pb::LatentMode::Hidden) => LatentMode::Hidden,
+            Ok(pb::LatentMode::Blend) => LatentMode::Blend,
+            Ok(pb::LatentMode::Mixture) => LatentMode::Mixture,
+            Err(_) => return Err(bad_enum("burst.mode", b.mode, "LatentMode")),
+        };
+        let telemetry = match pb::TelemetryLevel::try_from(b.telemetry) {
+            Ok(pb::TelemetryLevel::Unspecified | pb::TelemetryLevel::Basic) => {
+                TelemetryLevel::Basic
+            }
+            Ok(pb::TelemetryLevel::None) => TelemetryLevel::None,
+            Ok(pb::TelemetryLevel::Full) => TelemetryLevel::Full,
+            Err(_) => return Err(bad_enum("burst.telemetry", b.telemetry, "TelemetryLevel")),
+        };
+        let params = DreamParams {
+            mode,
+            blend_alpha: b.blend_alpha.unwrap_or(d.blend_alpha),
+            moi_beta: b.moi_beta.unwrap_or(d.moi_beta),
+            temperature: b.temperature.unwrap_or(d.temperature),
+            top_k: b.top_k.map_or(d.top_k, |k| k as usize),
+            top_p: b.top_p.unwrap_or(d.top_p),
+            min_p: b.min_p.unwrap_or(d.min_p),
+            gumbel_tau: b.gumbel_tau,
+            dirichlet_alpha: b.dirichlet_alpha,
+            noise: b.noise.unwrap_or(d.noise),
+            target_rms: b.target_rms,
+            seed: b.seed,
+            steps: b.steps as usize,
+            cold_stop: b.cold_stop.map(|c| ColdStop {
+                threshold: c.threshold,
+                patience: c.patience as usize,
+            }),
+            max_norm_ratio: b.max_norm_ratio.unwrap_or(d.max_norm_ratio),
+            telemetry,
+            top_n: b.top_n.map_or(d.top_n, |n| n as usize),
+        };
+        params.validate().map_err(|e| invalid("burst", e))?;
+        Ok(params)
+    }
 }
 
-pub fn commit(c: &pb::Commit, lm: &LoadedModel) -> Result<(GenerateOptions, CommitMode), Status> {
+/// A commit command as commit parameters; `context` is the model's context (the most tokens).
+pub fn commit(c: &pb::Commit, context: usize) -> Result<CommitParams, Status> {
     let d = SamplingParams::default();
     let s = c.sampling.unwrap_or_default();
     let sampling = SamplingParams {
@@ -118,36 +124,98 @@ pub fn commit(c: &pb::Commit, lm: &LoadedModel) -> Result<(GenerateOptions, Comm
         repetition_penalty: s.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: s.seed,
     };
-    sampling.validate().map_err(|e| {
-        Status::invalid_argument(format!(
-            "commit.sampling.{}",
-            e.to_string().replace("invalid input: ", "")
-        ))
-    })?;
-    let limit = lm.model.max_context();
-    if c.max_tokens == 0 || c.max_tokens as usize > limit {
+    sampling
+        .validate()
+        .map_err(|e| invalid("commit.sampling", e))?;
+    if c.max_tokens == 0 || c.max_tokens as usize > context {
         return Err(Status::invalid_argument(format!(
-            "commit.max_tokens must be in 1..={limit}, got {}",
+            "commit.max_tokens must be in 1..={context}, got {}",
             c.max_tokens
         )));
     }
-    let mode = match pb::CommitMode::try_from(c.mode) {
-        Ok(pb::CommitMode::Unspecified | pb::CommitMode::KeepLatent) => CommitMode::KeepLatent,
-        Ok(pb::CommitMode::Replace) => CommitMode::Replace,
-        Err(_) => {
+    if let Some(h) = c.fork_entropy {
+        if !(h.is_finite() && h >= 0.0) {
             return Err(Status::invalid_argument(format!(
-                "commit.mode {} is not a CommitMode",
-                c.mode
-            )))
+                "commit.fork_entropy must be a finite number >= 0 (nats), got {h}"
+            )));
         }
+    }
+    Ok(CommitParams {
+        decode: GenerateOptions {
+            sampling,
+            max_tokens: c.max_tokens as usize,
+            stop_strings: c.stop.clone(),
+            stop_on_eos: !c.ignore_eos,
+            end_at_word: c.end_at_word,
+            fork_entropy: c.fork_entropy,
+        },
+        render: render(c)?,
+    })
+}
+
+fn render(c: &pb::Commit) -> Result<Render, Status> {
+    Ok(match pb::Render::try_from(c.render) {
+        Ok(pb::Render::Unspecified | pb::Render::Draft) => Render::Draft {
+            proposal: match pb::Proposal::try_from(c.proposal) {
+                Ok(pb::Proposal::Unspecified | pb::Proposal::Top) => Proposal::Top,
+                Ok(pb::Proposal::Sample) => Proposal::Sample,
+                Err(_) => return Err(bad_enum("commit.proposal", c.proposal, "Proposal")),
+            },
+            leash: leash(c.leash.as_ref())?,
+        },
+        Ok(pb::Render::Translate) => Render::Translate {
+            framing: match pb::Framing::try_from(c.framing) {
+                Ok(pb::Framing::Unspecified | pb::Framing::Completion) => Framing::Completion,
+                Ok(pb::Framing::Instruction) => Framing::Instruction,
+                Err(_) => return Err(bad_enum("commit.framing", c.framing, "Framing")),
+            },
+        },
+        Ok(pb::Render::Think) => Render::Think {
+            replace: match pb::CommitMode::try_from(c.mode) {
+                Ok(pb::CommitMode::Unspecified | pb::CommitMode::KeepLatent) => false,
+                Ok(pb::CommitMode::Replace) => true,
+                Err(_) => return Err(bad_enum("commit.mode", c.mode, "CommitMode")),
+            },
+        },
+        Err(_) => return Err(bad_enum("commit.render", c.render, "Render")),
+    })
+}
+
+fn leash(l: Option<&pb::Leash>) -> Result<Leash, Status> {
+    let leash = match l.and_then(|l| l.rule.as_ref()) {
+        None => Leash::DEFAULT,
+        Some(pb::leash::Rule::Exact(_)) => Leash::Exact,
+        Some(pb::leash::Rule::Typical(t)) => Leash::Typical {
+            epsilon: t.epsilon,
+            delta: t.delta,
+        },
     };
-    let opts = GenerateOptions {
-        sampling,
-        max_tokens: c.max_tokens as usize,
-        stop_strings: c.stop.clone(),
-        stop_on_eos: !c.ignore_eos,
-    };
-    Ok((opts, mode))
+    leash.validate().map_err(|e| invalid("commit", e))?;
+    Ok(leash)
+}
+
+impl From<BurstStop> for pb::BurstStop {
+    fn from(s: BurstStop) -> Self {
+        match s {
+            BurstStop::Budget => Self::Budget,
+            BurstStop::ColdStop => Self::ColdStop,
+            BurstStop::NonFinite => Self::NonFinite,
+            BurstStop::NormBlowup => Self::NormBlowup,
+            BurstStop::ContextFull => Self::ContextFull,
+            BurstStop::Cancelled => Self::Cancelled,
+            BurstStop::MidWord => Self::MidWord,
+        }
+    }
+}
+
+pub fn commit_stop(s: StopReason) -> pb::CommitStop {
+    match s {
+        StopReason::MaxTokens => pb::CommitStop::MaxTokens,
+        StopReason::EndOfText => pb::CommitStop::EndOfText,
+        StopReason::StopString => pb::CommitStop::StopString,
+        StopReason::ContextFull => pb::CommitStop::ContextFull,
+        StopReason::Fork => pb::CommitStop::Fork,
+    }
 }
 
 pub fn latent_step(s: &LatentStep) -> pb::LatentStep {

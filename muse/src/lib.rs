@@ -1,7 +1,8 @@
-//! The muse: a language model that dreams in latent steps (DESIGN.md §4).
+//! The muse: a language model that dreams in latent steps (ARCHITECTURE.md, "The dream").
 
 pub mod convert;
 pub mod dream;
+pub mod render;
 pub mod serve;
 pub mod service;
 pub mod session;

@@ -6,8 +6,7 @@ mod cli_dream;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use lm::generate::{generate, GenerateOptions};
-use lm::{ChatMessage, LoadOptions, LoadedModel, SamplingParams};
+use lm::{generate, ChatMessage, GenerateOptions, LoadedModel, SamplingParams};
 use std::io::Write;
 
 #[derive(Parser)]
@@ -33,40 +32,7 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Model selection shared by every subcommand.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// Model: an alias (smollm2-135m, gemma3-270m), hf:<org>/<repo>/<file>, or a path.
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// CPU threads for the model's kernels (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Where the model runs: `cpu`, `cuda` or `cuda:<n>` (CUDA needs a `--features cuda` build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Positions one sequence may hold (default: the model's context, at most 8192).
-    #[arg(long)]
-    pub max_context: Option<usize>,
-}
-
-impl ModelArgs {
-    /// Applies the thread count (before any tensor work) and loads the model.
-    pub fn load(&self) -> Result<LoadedModel> {
-        if let Some(n) = self.threads {
-            anyhow::ensure!(n >= 1, "--threads must be at least 1");
-            lm::threads::set_cpu_threads(n);
-        }
-        let device = lm::device::open(&self.device).context("--device")?;
-        let opts = LoadOptions {
-            max_context: self.max_context,
-            device,
-            ..Default::default()
-        };
-        LoadedModel::load(&self.model, &opts)
-            .with_context(|| format!("loading --model {}", self.model))
-    }
-}
+pub use mm_kit::model::ModelArgs;
 
 /// The prompt: one chat message (rendered with the model's chat template) or raw text.
 #[derive(Args, Clone)]
@@ -136,21 +102,16 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         repetition_penalty: a.repetition_penalty,
         seed: a.seed,
     };
-    sampling.validate().map_err(|e| {
-        anyhow::anyhow!(
-            "--{}",
-            e.to_string()
-                .replace("invalid input: ", "")
-                .replace('_', "-")
-        )
-    })?;
+    sampling
+        .validate()
+        .map_err(|e| anyhow::anyhow!(e.as_flag()))?;
     let lm = a.model.load()?;
     let ids = a.prompt.ids(&lm)?;
     let opts = GenerateOptions {
         sampling,
         max_tokens: a.max_tokens,
         stop_strings: a.stop,
-        stop_on_eos: true,
+        ..GenerateOptions::default()
     };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
@@ -177,7 +138,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_serve(flags: muse::serve::ServeFlags) -> Result<()> {
-    let cfg = muse::serve::ServeConfig::load(&flags).context("muse serve configuration")?;
+    let cfg = muse::serve::ServeConfig::load(&flags, None).context("muse serve configuration")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -185,12 +146,7 @@ fn run_serve(flags: muse::serve::ServeFlags) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    mm_kit::trace::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),

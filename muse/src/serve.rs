@@ -1,13 +1,17 @@
 //! `muse serve`: configuration (file, then `MUSE_*` environment, then flags) and the server.
 
 use crate::service::{Limits, MuseService};
-use lm::{LoadOptions, LoadedModel};
-use serde::Deserialize;
+use mm_kit::config::{self, ConfigError, Overrides, Sources};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The muse service's configuration. `Default` holds the defaults (documented in
+/// `deploy/muse.example.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     pub listen: String,
@@ -23,6 +27,21 @@ pub struct ServeConfig {
     pub kv_memory_mb: usize,
     /// Commands running model work at once.
     pub compute_slots: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            model: "smollm2-135m".into(),
+            device: "cpu".into(),
+            threads: None,
+            max_sessions: 16,
+            max_context: 4096,
+            kv_memory_mb: 2048,
+            compute_slots: 1,
+        }
+    }
 }
 
 /// Values given on the command line; they win over the file and the environment.
@@ -51,37 +70,34 @@ pub struct ServeFlags {
 }
 
 impl ServeConfig {
-    pub fn load(flags: &ServeFlags) -> Result<Self, config::ConfigError> {
-        let mut b = config::Config::builder()
-            .set_default("listen", "127.0.0.1:50051")?
-            .set_default("model", "smollm2-135m")?
-            .set_default("device", "cpu")?
-            .set_default("max_sessions", 16)?
-            .set_default("max_context", 4096)?
-            .set_default("kv_memory_mb", 2048)?
-            .set_default("compute_slots", 1)?;
-        if let Some(path) = &flags.config {
-            b = b.add_source(config::File::from(path.as_path()).required(true));
-        }
-        b = b.add_source(config::Environment::with_prefix("MUSE").try_parsing(true));
+    /// Defaults, then the file, then `MUSE_*` (`env`: the process environment when `None`),
+    /// then flags.
+    pub fn load(
+        flags: &ServeFlags,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let n = |v: Option<usize>| v.map(|x| x as u64);
-        let cfg = b
-            .set_override_option("listen", flags.listen.clone())?
-            .set_override_option("model", flags.model.clone())?
-            .set_override_option("device", flags.device.clone())?
-            .set_override_option("threads", n(flags.threads))?
-            .set_override_option("max_sessions", n(flags.max_sessions))?
-            .set_override_option("max_context", n(flags.max_context))?
-            .set_override_option("kv_memory_mb", n(flags.kv_memory_mb))?
-            .set_override_option("compute_slots", n(flags.compute_slots))?
-            .build()?
-            .try_deserialize::<Self>()?;
+        let cfg: Self = config::load(Sources {
+            prefix: "MUSE",
+            file: flags.config.as_deref(),
+            list_keys: &[],
+            env,
+            overrides: Overrides::default()
+                .set("listen", flags.listen.clone())
+                .set("model", flags.model.clone())
+                .set("device", flags.device.clone())
+                .set("threads", n(flags.threads))
+                .set("max_sessions", n(flags.max_sessions))
+                .set("max_context", n(flags.max_context))
+                .set("kv_memory_mb", n(flags.kv_memory_mb))
+                .set("compute_slots", n(flags.compute_slots)),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), config::ConfigError> {
-        let bad = |m: String| Err(config::ConfigError::Message(m));
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Message(m));
         if self.listen.parse::<SocketAddr>().is_err() {
             return bad(format!(
                 "listen = `{}` is not an address like 127.0.0.1:50051",
@@ -109,18 +125,11 @@ impl ServeConfig {
 
 /// Loads the model and serves until ctrl-c. Prints `listening on <addr>` on stdout once ready.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    if let Some(n) = cfg.threads {
-        lm::threads::set_cpu_threads(n);
-    }
-    let device = lm::device::open(&cfg.device)
-        .map_err(|e| anyhow::anyhow!("device = `{}`: {e}", cfg.device))?;
-    let opts = LoadOptions {
-        max_context: Some(cfg.max_context),
-        device,
-        ..Default::default()
-    };
-    let model = cfg.model.clone();
-    let lm = tokio::task::spawn_blocking(move || LoadedModel::load(&model, &opts)).await??;
+    let c = cfg.clone();
+    let lm = tokio::task::spawn_blocking(move || {
+        mm_kit::model::load(&c.model, &c.device, c.threads, Some(c.max_context))
+    })
+    .await??;
     let limits = Limits {
         max_sessions: cfg.max_sessions,
         kv_memory_bytes: cfg.kv_memory_mb << 20,
@@ -134,7 +143,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     let service = MuseService::new(Arc::new(lm), limits);
     tracing::info!(listen = cfg.listen, model = cfg.model, "muse serving");
-    mm_proto::server::serve(
+    mm_kit::serve::serve(
         &cfg.listen,
         "muse.v1.Muse",
         tonic::service::Routes::new(service.into_server()),
@@ -156,7 +165,7 @@ mod tests {
             max_sessions: Some(3),
             ..Default::default()
         };
-        let c = ServeConfig::load(&flags).unwrap();
+        let c = ServeConfig::load(&flags, Some(HashMap::new())).unwrap();
         assert_eq!(
             (
                 c.model.as_str(),
@@ -170,9 +179,26 @@ mod tests {
             listen: Some("nowhere".into()),
             ..Default::default()
         };
-        assert!(ServeConfig::load(&bad)
+        assert!(ServeConfig::load(&bad, Some(HashMap::new()))
             .unwrap_err()
             .to_string()
             .contains("listen"));
+    }
+
+    #[test]
+    fn the_documented_environment_names_take_effect() {
+        let env = [
+            ("MUSE_LISTEN", "127.0.0.1:50191"),
+            ("MUSE_MAX_SESSIONS", "3"),
+            ("MUSE_COMPUTE_SLOTS", "2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = ServeConfig::load(&ServeFlags::default(), Some(env)).unwrap();
+        assert_eq!(
+            (c.listen.as_str(), c.max_sessions, c.compute_slots),
+            ("127.0.0.1:50191", 3, 2)
+        );
     }
 }

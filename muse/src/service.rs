@@ -6,8 +6,10 @@
 //! so one busy session cannot starve the others.
 
 use crate::convert;
+use crate::dream::DreamParams;
 use crate::session::{DreamSession, PRIMED};
-use lm::{LmError, LoadedModel};
+use lm::LoadedModel;
+use mm_kit::status::status_of;
 use mm_proto::muse::v1 as pb;
 use pb::muse_server::Muse;
 use std::collections::HashMap;
@@ -82,16 +84,6 @@ impl MuseService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ServerEvent, Status>> + Send>>;
-
-/// Maps runtime errors to gRPC codes: bad input → INVALID_ARGUMENT, too long → OUT_OF_RANGE.
-pub fn status_of(e: &LmError) -> Status {
-    match e {
-        LmError::InvalidInput(m) => Status::invalid_argument(m.clone()),
-        LmError::ContextOverflow { .. } => Status::out_of_range(e.to_string()),
-        LmError::Tokenizer(_) | LmError::ChatTemplate(_) => Status::invalid_argument(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
 
 fn event(request_id: u64, e: pb::server_event::Event) -> pb::ServerEvent {
     pb::ServerEvent {
@@ -291,7 +283,7 @@ fn execute(
             }))
         }
         C::Burst(b) => {
-            let params = convert::dream_params(&b)?;
+            let params = DreamParams::try_from(&b)?;
             check_memory(session, params.steps)?;
             let summary = session
                 .burst(&params, |step| {
@@ -300,17 +292,17 @@ fn execute(
                 .map_err(|e| status_of(&e))?;
             Ok(E::BurstDone(pb::BurstDone {
                 steps: summary.steps as u32,
-                stop_reason: summary.stop.as_str().into(),
+                stop: pb::BurstStop::from(summary.stop) as i32,
                 millis: summary.millis,
                 mean_entropy: summary.mean_entropy,
                 position: session.len() as u32,
             }))
         }
         C::Commit(c) => {
-            let (opts, mode) = convert::commit(&c, session.model())?;
-            check_memory(session, opts.max_tokens)?;
+            let params = convert::commit(&c, session.model().model.max_context())?;
+            check_memory(session, params.decode.max_tokens + lm::WORD_TAIL)?;
             let summary = session
-                .commit(&opts, mode, |text| {
+                .commit(&params, |text| {
                     send(E::Token(pb::Token {
                         text: text.to_string(),
                     }));
@@ -319,10 +311,14 @@ fn execute(
             Ok(E::CommitDone(pb::CommitDone {
                 tokens: summary.tokens,
                 text: summary.text,
-                stop_reason: summary.stop,
+                stop: convert::commit_stop(summary.stop) as i32,
                 millis: summary.millis,
                 tokens_per_s: summary.tokens_per_s,
                 position: session.len() as u32,
+                proposed: summary.proposed as u32,
+                accepted: summary.accepted as u32,
+                rendered: summary.rendered,
+                fork_entropy: summary.fork_entropy.unwrap_or(0.0),
             }))
         }
         C::Checkpoint(c) => {

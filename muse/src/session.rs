@@ -1,25 +1,15 @@
 //! One dreaming sequence: prime, bursts, commits, checkpoints and rewinds over a KV cache.
+//!
+//! A burst's steps stay pending until the next commit renders them (see [`crate::render`]);
+//! a commit without a pending burst simply decodes.
 
-use crate::dream::{self, DreamParams, Frontier};
-use crate::telemetry::{BurstSummary, CommitSummary, LatentStep};
+use crate::dream::{self, DreamParams, Frontier, Step};
+use crate::render::{self, Render};
+use crate::telemetry::{BurstStop, BurstSummary, CommitSummary, LatentStep};
 use lm::candle::Tensor;
-use lm::generate::{self, GenerateOptions};
-use lm::model::Input;
-use lm::{ChatMessage, KvCache, LmError, LoadedModel};
-use serde::{Deserialize, Serialize};
+use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedModel};
 use std::collections::HashMap;
 use std::time::Instant;
-
-/// What a commit does with the latent positions of the burst before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommitMode {
-    /// The latent positions stay in context.
-    #[default]
-    KeepLatent,
-    /// Rewind to the burst's start and re-feed the committed text: the context is text again.
-    Replace,
-}
 
 /// A named point to rewind to.
 #[derive(Debug, Clone)]
@@ -29,18 +19,32 @@ struct Checkpoint {
     history: Vec<u32>,
 }
 
+/// Latent steps not yet rendered, and where they began.
+struct Pending {
+    start: Checkpoint,
+    steps: Vec<Step>,
+}
+
 /// The checkpoint every prime sets.
 pub const PRIMED: &str = "primed";
+
+/// What a commit does: decode (its options) after rendering the pending burst (its render).
+#[derive(Debug, Clone, Default)]
+pub struct CommitParams {
+    pub decode: GenerateOptions,
+    pub render: Render,
+}
 
 pub struct DreamSession<'m> {
     lm: &'m LoadedModel,
     cache: KvCache,
     frontier: Option<Frontier>,
-    /// Committed token ids since the prime (repetition penalty, `replace` re-feed).
+    /// The prompt's last token (word boundaries and detokenization at the reply's start).
+    prompt_last: Option<u32>,
+    /// Committed token ids since the prime (the context is prompt + history once rendered).
     history: Vec<u32>,
     checkpoints: HashMap<String, Checkpoint>,
-    /// Where the last burst began, for `replace` commits.
-    last_burst: Option<Checkpoint>,
+    pending: Option<Pending>,
 }
 
 /// How a prompt is given.
@@ -51,15 +55,20 @@ pub enum Prime {
     Tokens(Vec<u32>),
 }
 
+fn not_primed() -> LmError {
+    LmError::InvalidInput("the session is not primed: send a prime first".into())
+}
+
 impl<'m> DreamSession<'m> {
     pub fn new(lm: &'m LoadedModel) -> Self {
         Self {
             lm,
             cache: lm.model.new_cache(),
             frontier: None,
+            prompt_last: None,
             history: Vec::new(),
             checkpoints: HashMap::new(),
-            last_burst: None,
+            pending: None,
         }
     }
 
@@ -85,6 +94,11 @@ impl<'m> DreamSession<'m> {
         self.frontier.as_ref().and_then(|f| f.host_logits().ok())
     }
 
+    /// The last token of text in context (latent steps are not text).
+    fn last_token(&self, history: &[u32]) -> Option<u32> {
+        history.last().copied().or(self.prompt_last)
+    }
+
     /// Resets the sequence and feeds the prologue as token ids; sets the `primed` checkpoint.
     /// Returns the prompt's token count.
     pub fn prime(&mut self, prime: &Prime) -> lm::Result<usize> {
@@ -100,26 +114,19 @@ impl<'m> DreamSession<'m> {
         self.cache.clear();
         self.history.clear();
         self.checkpoints.clear();
-        self.last_burst = None;
+        self.pending = None;
         self.frontier = Some(Frontier::advance(
             self.lm,
             &mut self.cache,
             Input::Tokens(&ids),
         )?);
+        self.prompt_last = ids.last().copied();
         self.checkpoint(PRIMED)?;
         Ok(ids.len())
     }
 
-    fn frontier_mut(&mut self) -> lm::Result<&mut Frontier> {
-        self.frontier.as_mut().ok_or_else(|| {
-            LmError::InvalidInput("the session is not primed: send a prime first".into())
-        })
-    }
-
     fn snapshot(&self) -> lm::Result<Checkpoint> {
-        let frontier = self.frontier.clone().ok_or_else(|| {
-            LmError::InvalidInput("the session is not primed: send a prime first".into())
-        })?;
+        let frontier = self.frontier.clone().ok_or_else(not_primed)?;
         Ok(Checkpoint {
             position: self.cache.len(),
             frontier,
@@ -146,7 +153,8 @@ impl<'m> DreamSession<'m> {
         names
     }
 
-    /// Rewinds to a named checkpoint (the KV cache is truncated, nothing recomputed).
+    /// Rewinds to a named checkpoint (the KV cache is truncated, nothing recomputed). A
+    /// pending burst is abandoned.
     pub fn rewind(&mut self, name: &str) -> lm::Result<usize> {
         let cp = self.checkpoints.get(name).cloned().ok_or_else(|| {
             let mut known: Vec<&str> = self.checkpoints.keys().map(String::as_str).collect();
@@ -162,6 +170,7 @@ impl<'m> DreamSession<'m> {
             )));
         }
         self.restore(cp);
+        self.pending = None;
         // Checkpoints past the new end point at positions that no longer exist.
         let len = self.cache.len();
         self.checkpoints.retain(|_, c| c.position <= len);
@@ -174,7 +183,9 @@ impl<'m> DreamSession<'m> {
         self.history = cp.history;
     }
 
-    /// A burst of latent steps.
+    /// A burst of latent steps. It starts only at a word boundary (the last token ends a word,
+    /// or the most probable next one begins one): elsewhere it takes no step and says
+    /// `mid_word`. A burst right after a burst continues the same dream.
     pub fn burst(
         &mut self,
         params: &DreamParams,
@@ -182,12 +193,29 @@ impl<'m> DreamSession<'m> {
     ) -> lm::Result<BurstSummary> {
         let start = self.snapshot()?;
         let lm = self.lm;
-        let mut frontier = self.frontier_mut()?.clone();
-        let result = dream::burst(lm, &mut self.cache, &mut frontier, params, on_step);
-        match result {
-            Ok(summary) => {
+        let mut frontier = start.frontier.clone();
+        if self.pending.is_none()
+            && !lm
+                .tokenizer
+                .at_word_boundary(self.last_token(&self.history), frontier.top()?)
+        {
+            return Ok(BurstSummary {
+                steps: 0,
+                stop: BurstStop::MidWord,
+                millis: 0.0,
+                mean_entropy: 0.0,
+                start_position: start.position,
+            });
+        }
+        match dream::burst(lm, &mut self.cache, &mut frontier, params, on_step) {
+            Ok((summary, steps)) => {
                 self.frontier = Some(frontier);
-                self.last_burst = Some(start);
+                if !steps.is_empty() {
+                    match &mut self.pending {
+                        Some(p) => p.steps.extend(steps),
+                        None => self.pending = Some(Pending { start, steps }),
+                    }
+                }
                 Ok(summary)
             }
             Err(e) => {
@@ -198,53 +226,143 @@ impl<'m> DreamSession<'m> {
         }
     }
 
-    /// Decodes text from the current position. With `Replace`, the last burst's latent
-    /// positions are then swapped for the committed tokens.
+    /// Renders the pending burst (if any) as `params.render` says, then decodes. On an error
+    /// the session is left as it was.
     pub fn commit(
         &mut self,
-        opts: &GenerateOptions,
-        mode: CommitMode,
+        params: &CommitParams,
         mut on_text: impl FnMut(&str),
     ) -> lm::Result<CommitSummary> {
-        let t0 = Instant::now();
-        let logits = self.frontier_mut()?.host_logits()?;
         let before = self.snapshot()?;
-        opts.sampling.validate()?;
-        let d = match generate::decode(self.lm, &mut self.cache, logits, opts, &mut on_text) {
-            Ok(d) => d,
+        let pending = self.pending.take();
+        match self.render_and_decode(params, pending.as_ref(), &mut on_text) {
+            Ok(s) => Ok(s),
             Err(e) => {
                 self.restore(before);
-                return Err(e);
+                self.pending = pending;
+                Err(e)
             }
-        };
-        let elapsed = t0.elapsed().as_secs_f64();
-        if let Some(hidden) = d.hidden {
-            let n = d.logits.len();
-            let logits = Tensor::from_vec(d.logits, (1, n), hidden.device())?;
-            self.frontier = Some(Frontier { logits, hidden });
         }
-        if mode == CommitMode::Replace {
-            if let Some(start) = self.last_burst.take() {
-                self.restore(start);
-                if !d.tokens.is_empty() {
-                    self.frontier = Some(Frontier::advance(
-                        self.lm,
+    }
+
+    fn render_and_decode(
+        &mut self,
+        params: &CommitParams,
+        pending: Option<&Pending>,
+        on_text: &mut impl FnMut(&str),
+    ) -> lm::Result<CommitSummary> {
+        let t0 = Instant::now();
+        let lm = self.lm;
+        let opts = &params.decode;
+        opts.sampling.validate()?;
+        let mut frontier = self.frontier.clone().ok_or_else(not_primed)?;
+        let mut dec = Decoder::new(lm, opts, self.last_token(&self.history))?;
+        let (mut accepted, mut rendered, mut stop) = (0, String::new(), None);
+        let mut think_start = None;
+        if let Some(p) = pending {
+            match params.render {
+                Render::Think { replace } => {
+                    think_start = replace.then(|| p.start.clone());
+                }
+                Render::Draft { proposal, leash } => {
+                    let d = render::draft(
+                        lm,
                         &mut self.cache,
-                        Input::Tokens(&d.tokens),
-                    )?);
+                        (p.start.position, &p.start.frontier),
+                        &p.steps,
+                        proposal,
+                        leash,
+                        &mut dec,
+                        on_text,
+                    )?;
+                    accepted = d.accepted;
+                    rendered = d.rendered;
+                    stop = d.stop;
+                    frontier = d.frontier;
+                }
+                Render::Translate { framing } => {
+                    rendered = render::translate(lm, &p.steps, framing)?;
+                    self.cache.truncate(p.start.position);
+                    frontier = p.start.frontier.clone();
+                    let ids = self.reading_ids(&rendered, &p.start.history)?;
+                    let ids = &ids[..ids.len().min(dec.budget_left())];
+                    accepted = ids.len();
+                    if !ids.is_empty() {
+                        frontier = Frontier::advance(lm, &mut self.cache, Input::Tokens(ids))?;
+                        for &id in ids {
+                            if let Some(s) = dec.take(id, on_text)? {
+                                stop = Some(s);
+                                break;
+                            }
+                        }
+                    }
                 }
             }
         }
-        // A later `replace` must not reach back past this commit.
-        self.last_burst = None;
-        self.history.extend(&d.tokens);
-        let (tokens, text, stop) = (d.tokens, d.text, d.stop);
+        let stop = match stop {
+            Some(s) => s,
+            None => {
+                let (s, f) = dec.run(&mut self.cache, frontier.host_logits()?, on_text)?;
+                if let Some(hidden) = f.hidden {
+                    let n = f.logits.len();
+                    frontier = Frontier {
+                        logits: Tensor::from_vec(f.logits, (1, n), hidden.device())?,
+                        hidden,
+                    };
+                }
+                s
+            }
+        };
+        if let Some(p) = pending {
+            if !matches!(params.render, Render::Think { replace: false }) {
+                // The burst's positions were rewritten as text: checkpoints inside them are gone.
+                let start = p.start.position;
+                self.checkpoints.retain(|_, c| c.position <= start);
+            }
+        }
+        let fork_entropy = dec.fork_entropy();
+        let (tokens, text) = dec.finish(on_text);
+        if let Some(start) = think_start {
+            // `replace`: the latent positions give way to the text (the context is text again).
+            self.restore(start);
+            if !tokens.is_empty() {
+                frontier = Frontier::advance(lm, &mut self.cache, Input::Tokens(&tokens))?;
+            } else {
+                frontier = self.frontier.clone().ok_or_else(not_primed)?;
+            }
+        }
+        self.frontier = Some(frontier);
+        self.history.extend(&tokens);
+        let elapsed = t0.elapsed().as_secs_f64();
         Ok(CommitSummary {
             tokens_per_s: tokens.len() as f64 / elapsed.max(1e-9),
             tokens,
             text,
-            stop: stop.as_str().to_string(),
+            stop,
             millis: elapsed * 1e3,
+            proposed: pending.map_or(0, |p| p.steps.len()),
+            accepted,
+            rendered,
+            fork_entropy,
         })
+    }
+
+    /// A reader's text as ids to splice in after `history`: a space first where the text
+    /// before does not end a word.
+    fn reading_ids(&self, reading: &str, history: &[u32]) -> lm::Result<Vec<u32>> {
+        if reading.is_empty() {
+            return Ok(Vec::new());
+        }
+        let needs_space = !reading
+            .starts_with(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+            && !self
+                .last_token(history)
+                .is_some_and(|t| self.lm.tokenizer.ends_with_whitespace(t));
+        let text = if needs_space {
+            format!(" {reading}")
+        } else {
+            reading.to_string()
+        };
+        self.lm.tokenizer.encode_with(&text, false, false)
     }
 }

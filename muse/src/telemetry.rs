@@ -28,9 +28,10 @@ pub struct LatentStep {
     pub micros: u64,
 }
 
+/// Why a burst ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StopReason {
+pub enum BurstStop {
     /// The step budget was spent.
     Budget,
     /// The kept entropy stayed below the threshold for `patience` steps.
@@ -43,9 +44,11 @@ pub enum StopReason {
     ContextFull,
     /// The client went away or asked to stop.
     Cancelled,
+    /// Not at a word boundary: no step was taken (bursts start between words).
+    MidWord,
 }
 
-impl StopReason {
+impl BurstStop {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Budget => "budget",
@@ -54,6 +57,7 @@ impl StopReason {
             Self::NormBlowup => "norm_blowup",
             Self::ContextFull => "context_full",
             Self::Cancelled => "cancelled",
+            Self::MidWord => "mid_word",
         }
     }
 }
@@ -61,10 +65,10 @@ impl StopReason {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BurstSummary {
     pub steps: usize,
-    pub stop: StopReason,
+    pub stop: BurstStop,
     pub millis: f64,
     pub mean_entropy: f32,
-    /// Cache position where the burst began (a `replace` commit rewinds here).
+    /// Cache position where the burst began.
     pub start_position: usize,
 }
 
@@ -72,7 +76,15 @@ pub struct BurstSummary {
 pub struct CommitSummary {
     pub tokens: Vec<u32>,
     pub text: String,
-    pub stop: String,
+    pub stop: lm::StopReason,
     pub millis: f64,
     pub tokens_per_s: f64,
+    /// Latent steps the commit rendered, and how many of them reached the text (draft: the
+    /// proposals kept; translate: the reader's tokens).
+    pub proposed: usize,
+    pub accepted: usize,
+    /// The text standing for the latent steps.
+    pub rendered: String,
+    /// At a fork stop: the entropy that made it one.
+    pub fork_entropy: Option<f32>,
 }

@@ -36,14 +36,12 @@ fn generate_streams_only_the_greedy_text() {
     let ids = lm
         .chat_prompt(&[lm::ChatMessage::user("The capital of France is")])
         .unwrap();
-    let opts = lm::generate::GenerateOptions {
+    let opts = lm::GenerateOptions {
         sampling: lm::SamplingParams::greedy(),
         max_tokens: 8,
         ..Default::default()
     };
-    let want = lm::generate::generate(&lm, &ids, &opts, |_| {})
-        .unwrap()
-        .text;
+    let want = lm::generate(&lm, &ids, &opts, |_| {}).unwrap().text;
     assert_eq!(stdout, format!("{want}\n"));
 }
 
@@ -112,7 +110,7 @@ fn bad_flags_are_named() {
         (vec!["dream", "--chat", "hi", "--noise", "-0.5"], "--noise"),
         (
             vec!["generate", "--model", "nope", "--chat", "hi"],
-            "--model nope",
+            "model `nope`",
         ),
     ] {
         let (ok, stdout, stderr) = muse(&args);

@@ -10,7 +10,7 @@ use muse::session::{DreamSession, Prime};
 
 fn model() -> LoadedModel {
     let opts = LoadOptions {
-        device: lm::device::open("cuda:0").unwrap(),
+        device: lm::open_device("cuda:0").unwrap(),
         max_context: Some(1024),
         ..Default::default()
     };
@@ -80,14 +80,12 @@ fn top1_concept_steps_are_greedy_decoding() {
     let Prime::Tokens(ids) = prompt() else {
         unreachable!()
     };
-    let opts = lm::generate::GenerateOptions {
+    let opts = lm::GenerateOptions {
         sampling: lm::SamplingParams::greedy(),
         max_tokens: 5,
         ..Default::default()
     };
-    let greedy = lm::generate::generate(&lm, &ids, &opts, |_| {})
-        .unwrap()
-        .tokens;
+    let greedy = lm::generate(&lm, &ids, &opts, |_| {}).unwrap().tokens;
     assert_eq!(dreamed, greedy);
 }
 

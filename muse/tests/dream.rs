@@ -2,12 +2,13 @@
 //! one-hot concept is greedy decoding, seeds replay bit for bit, and stops, guards, commits and
 //! rewinds do what they say.
 
-use lm::generate::GenerateOptions;
-use lm::model::Input;
+use lm::GenerateOptions;
+use lm::Input;
 use lm::{ChatMessage, LoadOptions, LoadedModel, SamplingParams};
 use muse::dream::{ColdStop, DreamParams, LatentMode, TelemetryLevel};
-use muse::session::{CommitMode, DreamSession, Prime, PRIMED};
-use muse::telemetry::{LatentStep, StopReason};
+use muse::render::Render;
+use muse::session::{CommitParams, DreamSession, Prime, PRIMED};
+use muse::telemetry::{BurstStop, LatentStep};
 use std::sync::OnceLock;
 
 fn smollm() -> &'static LoadedModel {
@@ -50,7 +51,7 @@ fn first_latent_step_is_the_next_token_distribution() {
         .model
         .last_logits(&lm.model.forward(Input::Tokens(&ids), &mut cache).unwrap())
         .unwrap();
-    let want = lm::sampling::distribution(
+    let want = lm::distribution(
         &logits,
         &SamplingParams {
             temperature: 1.0,
@@ -94,13 +95,10 @@ fn one_hot_concepts_are_greedy_decoding() {
         stop_on_eos: false,
         ..Default::default()
     };
-    let greedy = lm::generate::generate(lm, &ids, &opts, |_| {}).unwrap();
+    let greedy = lm::generate(lm, &ids, &opts, |_| {}).unwrap();
     assert_eq!(dreamt, greedy.tokens[..4].to_vec());
     // The fifth distribution after four one-hot steps is greedy's fifth choice.
-    assert_eq!(
-        lm::sampling::argmax(&session.logits().unwrap()),
-        greedy.tokens[4]
-    );
+    assert_eq!(lm::argmax(&session.logits().unwrap()), greedy.tokens[4]);
     assert!(steps.iter().all(|s| s.entropy == 0.0 && s.top[0].p == 1.0));
 }
 
@@ -115,6 +113,14 @@ fn noisy(seed: u64) -> DreamParams {
     }
 }
 
+/// A commit that keeps the dream as unspoken thought (`replace`: swapped for the text after).
+fn think(decode: GenerateOptions, replace: bool) -> CommitParams {
+    CommitParams {
+        decode,
+        render: Render::Think { replace },
+    }
+}
+
 fn dream_and_commit(params: &DreamParams) -> (Vec<LatentStep>, String) {
     let (steps, mut s) = dream(params);
     let opts = GenerateOptions {
@@ -125,7 +131,7 @@ fn dream_and_commit(params: &DreamParams) -> (Vec<LatentStep>, String) {
         max_tokens: 12,
         ..Default::default()
     };
-    let c = s.commit(&opts, CommitMode::KeepLatent, |_| {}).unwrap();
+    let c = s.commit(&think(opts, false), |_| {}).unwrap();
     (steps, c.text)
 }
 
@@ -182,14 +188,14 @@ fn cold_stop_and_norm_guard_end_the_burst_with_a_reason() {
         ..Default::default()
     };
     let b = s.burst(&cold, |_| true).unwrap();
-    assert_eq!((b.stop, b.steps), (StopReason::ColdStop, 2));
+    assert_eq!((b.stop, b.steps), (BurstStop::ColdStop, 2));
     s.rewind(PRIMED).unwrap();
     let guard = DreamParams {
         max_norm_ratio: 1e-3,
         ..Default::default()
     };
     let b = s.burst(&guard, |_| true).unwrap();
-    assert_eq!((b.stop, b.steps), (StopReason::NormBlowup, 0));
+    assert_eq!((b.stop, b.steps), (BurstStop::NormBlowup, 0));
     assert_eq!(s.len(), primed, "a guarded step must not be fed");
     let cancel = s
         .burst(
@@ -200,11 +206,11 @@ fn cold_stop_and_norm_guard_end_the_burst_with_a_reason() {
             |st| st.step < 1,
         )
         .unwrap();
-    assert_eq!((cancel.stop, cancel.steps), (StopReason::Cancelled, 2));
+    assert_eq!((cancel.stop, cancel.steps), (BurstStop::Cancelled, 2));
 }
 
 #[test]
-fn commit_modes_and_rewind_manage_the_context() {
+fn think_commits_and_rewind_manage_the_context() {
     let mut s = DreamSession::new(smollm());
     let primed = s.prime(&france()).unwrap();
     let primed_logits = s.logits().unwrap();
@@ -222,7 +228,7 @@ fn commit_modes_and_rewind_manage_the_context() {
         |_| true,
     )
     .unwrap();
-    let keep = s.commit(&opts, CommitMode::KeepLatent, |_| {}).unwrap();
+    let keep = s.commit(&think(opts.clone(), false), |_| {}).unwrap();
     assert_eq!(s.len(), primed + 4 + keep.tokens.len());
     s.rewind(PRIMED).unwrap();
     assert_eq!(s.len(), primed);
@@ -237,7 +243,7 @@ fn commit_modes_and_rewind_manage_the_context() {
     .unwrap();
     let mut streamed = String::new();
     let rep = s
-        .commit(&opts, CommitMode::Replace, |t| streamed.push_str(t))
+        .commit(&think(opts, true), |t| streamed.push_str(t))
         .unwrap();
     assert_eq!(
         s.len(),
@@ -263,10 +269,7 @@ fn commit_modes_and_rewind_manage_the_context() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(d < 1.5, "frontier after replace differs by {d}");
-    assert_eq!(
-        lm::sampling::argmax(&want),
-        lm::sampling::argmax(&s.logits().unwrap())
-    );
+    assert_eq!(lm::argmax(&want), lm::argmax(&s.logits().unwrap()));
     let e = s.rewind("nope").unwrap_err().to_string();
     assert!(
         e.contains("unknown checkpoint `nope`") && e.contains(PRIMED),
@@ -276,8 +279,6 @@ fn commit_modes_and_rewind_manage_the_context() {
 
 #[test]
 fn bad_knobs_are_rejected_naming_the_field() {
-    let mut s = DreamSession::new(smollm());
-    s.prime(&france()).unwrap();
     let cases = [
         (
             DreamParams {
@@ -324,8 +325,7 @@ fn bad_knobs_are_rejected_naming_the_field() {
         ),
     ];
     for (p, field) in cases {
-        let e = s.burst(&p, |_| true).unwrap_err().to_string();
-        assert!(e.contains(field), "{field}: {e}");
+        assert_eq!(p.validate().unwrap_err().field, field);
     }
     let fresh = DreamSession::new(smollm())
         .burst(&DreamParams::default(), |_| true)

@@ -38,7 +38,7 @@ fn start(extra: &[&str]) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start muse serve");
-    let addr = mm_proto::server::listening_address(&mut child).unwrap();
+    let addr = mm_kit::serve::listening_address(&mut child).unwrap();
     Server { child, addr }
 }
 
@@ -85,10 +85,12 @@ fn burst(steps: u32) -> pb::DreamBurst {
     }
 }
 
+/// A greedy commit that keeps the burst as unspoken thought (the positions stay latent).
 fn commit(n: u32) -> C {
     C::Commit(pb::Commit {
         max_tokens: n,
         ignore_eos: true,
+        render: pb::Render::Think as i32,
         sampling: Some(pb::Sampling {
             temperature: Some(0.0),
             ..Default::default()
@@ -138,8 +140,8 @@ async fn dream_commit_rewind_commit_over_a_socket() {
         panic!("{events:?}")
     };
     assert_eq!(
-        (done.steps, done.stop_reason.as_str(), done.position),
-        (8, "budget", primed.position + 8)
+        (done.steps, done.stop(), done.position),
+        (8, pb::BurstStop::Budget, primed.position + 8)
     );
     s.run(C::Checkpoint(pb::Checkpoint {
         name: "dreamt".into(),

@@ -9,10 +9,10 @@ use tonic::transport::Channel;
 
 fn policy() -> pb::DreamPolicy {
     pb::DreamPolicy {
-        bursts: 2,
-        steps: 4,
-        commit_tokens: 16,
-        max_attempts: 1,
+        bursts: Some(2),
+        steps: Some(4),
+        commit_tokens: Some(16),
+        max_attempts: Some(1),
         ..Default::default()
     }
 }

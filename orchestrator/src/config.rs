@@ -1,9 +1,14 @@
-//! Orchestrator configuration: file (TOML), then `MM_*` environment, then flags.
+//! Orchestrator configuration: `Config::default()` (the defaults, in one place), then a TOML
+//! file, then `MM_*` environment (`MM_LISTEN`, `MM_POLICY__STEPS`, `MM_MUSE=a,b`), then flags.
 
-use serde::Deserialize;
+use crate::policy::TurnPolicy;
+use mm_kit::config::{self, ConfigError, Overrides, Sources};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address of the orchestrator's own API; port 0 picks a free port.
     pub listen: String,
@@ -13,8 +18,8 @@ pub struct Config {
     pub muse: Vec<String>,
     /// Majordomo replicas.
     pub majordomo: Vec<String>,
-    /// Default dream policy for new sessions.
-    pub policy: PolicyDefaults,
+    /// The dream policy of new sessions, where their request leaves a field unset.
+    pub policy: TurnPolicy,
     /// Turns running at once; more are refused with RESOURCE_EXHAUSTED and a retry hint.
     pub max_turns: usize,
     /// Dream sessions one muse replica runs at once (its max_sessions should allow this).
@@ -29,15 +34,22 @@ pub struct Config {
     pub health_interval_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct PolicyDefaults {
-    pub bursts: u32,
-    pub steps: u32,
-    pub commit_tokens: u32,
-    pub noise: f32,
-    pub gumbel_tau: f32,
-    pub temperature: f32,
-    pub max_attempts: u32,
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50050".into(),
+            store: "mm-data/sessions.redb".into(),
+            muse: vec!["http://127.0.0.1:50051".into()],
+            majordomo: vec!["http://127.0.0.1:50052".into()],
+            policy: TurnPolicy::default(),
+            max_turns: 32,
+            per_replica: 8,
+            call_timeout_s: 120,
+            max_message_chars: 4000,
+            history_chars: 3000,
+            health_interval_s: 2,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -62,58 +74,31 @@ pub struct Flags {
 }
 
 impl Config {
-    pub fn load(flags: &Flags) -> Result<Self, config::ConfigError> {
-        let mut b = config::Config::builder()
-            .set_default("listen", "127.0.0.1:50050")?
-            .set_default("store", "mm-data/sessions.redb")?
-            .set_default("muse", vec!["http://127.0.0.1:50051"])?
-            .set_default("majordomo", vec!["http://127.0.0.1:50052"])?
-            .set_default("policy.bursts", 2)?
-            .set_default("policy.steps", 4)?
-            .set_default("policy.commit_tokens", 24)?
-            .set_default("policy.noise", 0.0)?
-            .set_default("policy.gumbel_tau", 0.0)?
-            .set_default("policy.temperature", 0.8)?
-            .set_default("policy.max_attempts", 2)?
-            .set_default("max_turns", 32)?
-            .set_default("per_replica", 8)?
-            .set_default("call_timeout_s", 120)?
-            .set_default("max_message_chars", 4000)?
-            .set_default("history_chars", 3000)?
-            .set_default("health_interval_s", 2)?;
-        if let Some(path) = &flags.config {
-            b = b.add_source(config::File::from(path.as_path()).required(true));
-        }
-        b = b.add_source(
-            config::Environment::with_prefix("MM")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("muse")
-                .with_list_parse_key("majordomo")
-                .try_parsing(true),
-        );
-        if !flags.muse.is_empty() {
-            b = b.set_override("muse", flags.muse.clone())?;
-        }
-        if !flags.majordomo.is_empty() {
-            b = b.set_override("majordomo", flags.majordomo.clone())?;
-        }
-        let cfg: Self = b
-            .set_override_option("listen", flags.listen.clone())?
-            .set_override_option(
-                "store",
-                flags.store.as_ref().map(|p| p.display().to_string()),
-            )?
-            .set_override_option("max_turns", flags.max_turns.map(|x| x as u64))?
-            .set_override_option("policy.max_attempts", flags.max_attempts.map(|x| x as u64))?
-            .build()?
-            .try_deserialize()?;
+    /// Defaults, file, `MM_*` (`env`: the process environment when `None`), flags; validated.
+    pub fn load(flags: &Flags, env: Option<HashMap<String, String>>) -> Result<Self, ConfigError> {
+        let list = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+        let cfg: Self = config::load(Sources {
+            prefix: "MM",
+            file: flags.config.as_deref(),
+            list_keys: &["muse", "majordomo"],
+            env,
+            overrides: Overrides::default()
+                .set("listen", flags.listen.clone())
+                .set(
+                    "store",
+                    flags.store.as_ref().map(|p| p.display().to_string()),
+                )
+                .set("muse", list(&flags.muse))
+                .set("majordomo", list(&flags.majordomo))
+                .set("max_turns", flags.max_turns.map(|x| x as u64))
+                .set("policy.max_attempts", flags.max_attempts.map(|x| x as u64)),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), config::ConfigError> {
-        let bad = |m: String| Err(config::ConfigError::Message(m));
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Message(m));
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(
                 "listen = `{}` is not an address like 127.0.0.1:50050",
@@ -136,21 +121,27 @@ impl Config {
                 "replica `{e}` must be a URL like http://127.0.0.1:50051"
             ));
         }
-        if self.max_turns == 0
-            || self.per_replica == 0
-            || self.policy.max_attempts == 0
-            || self.policy.bursts == 0
-            || self.policy.steps == 0
-        {
-            return bad("max_turns, per_replica, policy.max_attempts, policy.bursts and policy.steps must be >= 1".into());
+        if self.max_turns == 0 || self.per_replica == 0 {
+            return bad("max_turns and per_replica must be >= 1".into());
         }
-        Ok(())
+        self.policy
+            .validate()
+            .map_err(|e| ConfigError::Message(e.to_string()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
 
     #[test]
     fn the_example_file_loads_and_flags_win() {
@@ -161,19 +152,43 @@ mod tests {
             muse: vec!["http://a:1".into(), "http://b:1".into()],
             ..Default::default()
         };
-        let c = Config::load(&flags).unwrap();
+        let c = Config::load(&flags, env(&[])).unwrap();
         assert_eq!(c.muse, ["http://a:1", "http://b:1"]);
         assert_eq!(
-            (c.policy.steps, c.policy.max_attempts, c.per_replica),
-            (4, 2, 8)
+            c.policy,
+            TurnPolicy::default(),
+            "the example documents the defaults"
         );
+        assert_eq!(c.per_replica, 8);
         let bad = Flags {
             muse: vec!["a:1".into()],
             ..Default::default()
         };
-        assert!(Config::load(&bad)
+        assert!(Config::load(&bad, env(&[]))
             .unwrap_err()
             .to_string()
             .contains("must be a URL"));
+    }
+
+    #[test]
+    fn the_documented_environment_names_take_effect() {
+        let c = Config::load(
+            &Flags::default(),
+            env(&[
+                ("MM_LISTEN", "127.0.0.1:50191"),
+                ("MM_POLICY__STEPS", "1"),
+                ("MM_POLICY__RENDER", "translate"),
+                ("MM_HISTORY_CHARS", "7"),
+                ("MM_MUSE", "http://a:1,http://b:1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:50191");
+        assert_eq!(c.policy.steps, 1);
+        assert_eq!(c.policy.render, mm_proto::muse::v1::Render::Translate);
+        assert_eq!(c.history_chars, 7);
+        assert_eq!(c.muse, ["http://a:1", "http://b:1"]);
+        let e = Config::load(&Flags::default(), env(&[("MM_POLICY__STEPS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("policy.steps"), "{e}");
     }
 }

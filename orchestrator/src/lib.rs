@@ -1,9 +1,19 @@
 //! The orchestrator: sessions, store, replica pools, the turn pipeline and the client API
-//! (DESIGN.md §6). It talks to the muse and the majordomo over gRPC only.
+//! (ARCHITECTURE.md). It talks to the muse and the majordomo over gRPC only.
+//!
+//! A turn: [`turn`] runs [`attempt`]s (one muse session each) under the session's
+//! [`policy`], each judged by the [`critic`], on replicas leased with [`failover`]; the muse
+//! is primed with the [`history`] window.
 
+pub mod attempt;
 pub mod bench;
 pub mod config;
-pub mod pipeline;
+pub mod critic;
+pub mod failover;
+pub mod history;
+pub mod local;
+pub mod policy;
 pub mod replicas;
 pub mod service;
 pub mod store;
+pub mod turn;

@@ -1,9 +1,25 @@
 //! The embedded default: muse, majordomo and orchestrator as separate processes on loopback,
-//! started from the binaries beside `mm`, stopped when dropped.
+//! started from the binaries beside the running one (`mm`, `mm-eval`), stopped when dropped.
 
-use crate::UpArgs;
 use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Muse model (alias, hf:..., or path).
+    pub muse_model: String,
+    pub majordomo_model: String,
+    /// The orchestrator's address (the model services get free ports).
+    pub listen: String,
+    /// The session store.
+    pub store: PathBuf,
+    /// CPU threads per model service.
+    pub threads: Option<usize>,
+    /// Orchestrator settings passed on as environment (`MM_POLICY__REPLY_TOKENS`, …).
+    pub env: Vec<(String, String)>,
+}
 
 pub struct Services {
     children: Vec<Child>,
@@ -21,8 +37,9 @@ impl Drop for Services {
     }
 }
 
-/// Starts `bin args…`, waits for its `listening on ADDR` line, returns the child and `http://ADDR`.
-fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
+/// Starts `bin args…` (with `env` added), waits for its `listening on ADDR` line, returns the
+/// child and `http://ADDR`.
+fn spawn(bin: &str, args: &[String], env: &[(String, String)]) -> Result<(Child, String)> {
     let dir = std::env::current_exe()?
         .parent()
         .map(|p| p.to_path_buf())
@@ -30,6 +47,7 @@ fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
     let path = dir.join(bin);
     let mut child = Command::new(&path)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -40,7 +58,7 @@ fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
                 path.display()
             )
         })?;
-    match mm_proto::server::listening_address(&mut child) {
+    match mm_kit::serve::listening_address(&mut child) {
         Ok(addr) => Ok((child, addr)),
         Err(_) => {
             let status = child.wait()?;
@@ -50,7 +68,7 @@ fn spawn(bin: &str, args: &[String]) -> Result<(Child, String)> {
 }
 
 impl Services {
-    pub async fn start(a: &UpArgs) -> Result<Self> {
+    pub async fn start(a: &Launch) -> Result<Self> {
         let threads: Vec<String> = a
             .threads
             .map(|t| vec!["--threads".into(), t.to_string()])
@@ -72,7 +90,7 @@ impl Services {
         );
         let (mc, muse) = tokio::task::spawn_blocking({
             let a = args(&a.muse_model);
-            move || spawn("muse", &a)
+            move || spawn("muse", &a, &[])
         })
         .await??;
         let mut s = Services {
@@ -83,7 +101,7 @@ impl Services {
         };
         let (dc, majordomo) = tokio::task::spawn_blocking({
             let a = args(&a.majordomo_model);
-            move || spawn("majordomo", &a)
+            move || spawn("majordomo", &a, &[])
         })
         .await??;
         s.children.push(dc);
@@ -99,8 +117,9 @@ impl Services {
             "--majordomo".into(),
             s.majordomo.clone(),
         ];
+        let env = a.env.clone();
         let (oc, orchestrator) =
-            tokio::task::spawn_blocking(move || spawn("mm", &orch_args)).await??;
+            tokio::task::spawn_blocking(move || spawn("mm", &orch_args, &env)).await??;
         s.children.push(oc);
         s.orchestrator = orchestrator;
         Ok(s)

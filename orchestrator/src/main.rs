@@ -1,15 +1,18 @@
 //! `mm`: the muse–majordomo command line. `mm up` starts the three services locally, `mm run`
 //! runs one turn (starting them itself when no orchestrator is given), `mm chat` talks,
-//! `mm sessions` lists, `mm serve` is the orchestrator service.
+//! `mm sessions` lists, `mm serve` is the orchestrator service, `mm eval` runs the dream lab
+//! (the `mm-eval` binary beside this one).
 
-mod local;
+mod policy_args;
 mod render;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mm_proto::orchestrator::v1 as pb;
 use orchestrator::config::{Config, Flags};
+use orchestrator::local;
 use pb::orchestrator_client::OrchestratorClient;
+use policy_args::PolicyArgs;
 use std::io::{BufRead, Write};
 use tonic::transport::Channel;
 
@@ -38,6 +41,13 @@ enum Command {
     Sessions(ClientArgs),
     /// Turn latency breakdown and throughput at 1, 4 and 16 concurrent sessions (JSON).
     Bench(BenchArgs),
+    /// The dream lab: creativity against coherence for dream settings and plain sampling
+    /// (`mm eval --help`; runs the `mm-eval` binary).
+    #[command(disable_help_flag = true)]
+    Eval {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -71,6 +81,19 @@ pub struct UpArgs {
     pub threads: Option<usize>,
 }
 
+impl UpArgs {
+    fn launch(&self, listen: &str) -> local::Launch {
+        local::Launch {
+            muse_model: self.muse_model.clone(),
+            majordomo_model: self.majordomo_model.clone(),
+            listen: listen.to_string(),
+            store: self.store.clone(),
+            threads: self.threads,
+            env: Vec::new(),
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 struct ClientArgs {
     /// A running orchestrator (default: start the services locally for this command).
@@ -91,6 +114,8 @@ struct RunArgs {
     #[arg(long, default_value = "sampled", value_parser = ["quiet", "sampled", "full"])]
     verbosity: String,
     #[command(flatten)]
+    policy: PolicyArgs,
+    #[command(flatten)]
     client: ClientArgs,
 }
 
@@ -99,6 +124,8 @@ struct ChatArgs {
     /// Continue this session instead of starting one.
     #[arg(long)]
     session: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -116,9 +143,7 @@ async fn connect(c: &ClientArgs) -> Result<(OrchestratorClient<Channel>, Option<
     let (addr, guard) = match &c.orchestrator {
         Some(a) => (a.clone(), None),
         None => {
-            let mut up = c.up.clone();
-            up.listen = "127.0.0.1:0".into();
-            let services = local::Services::start(&up).await?;
+            let services = local::Services::start(&c.up.launch("127.0.0.1:0")).await?;
             (services.orchestrator.clone(), Some(services))
         }
     };
@@ -169,7 +194,10 @@ async fn cmd_run(a: RunArgs) -> Result<()> {
     );
     let (mut client, _services) = connect(&a.client).await?;
     let session = client
-        .create_session(pb::CreateSessionRequest::default())
+        .create_session(pb::CreateSessionRequest {
+            roles: None,
+            policy: Some(a.policy.to_pb()),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -209,7 +237,10 @@ async fn cmd_chat(a: ChatArgs) -> Result<()> {
         }
         None => {
             client
-                .create_session(pb::CreateSessionRequest::default())
+                .create_session(pb::CreateSessionRequest {
+                    roles: None,
+                    policy: Some(a.policy.to_pb()),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner()
@@ -267,7 +298,7 @@ async fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 async fn cmd_up(a: UpArgs) -> Result<()> {
-    let services = local::Services::start(&a).await?;
+    let services = local::Services::start(&a.launch(&a.listen)).await?;
     eprintln!(
         "orchestrator at {} (muse {}, majordomo {}); ctrl-c to stop",
         services.orchestrator, services.muse, services.majordomo
@@ -278,17 +309,27 @@ async fn cmd_up(a: UpArgs) -> Result<()> {
 }
 
 async fn cmd_serve(flags: Flags) -> Result<()> {
-    let cfg = Config::load(&flags).context("mm serve configuration")?;
+    let cfg = Config::load(&flags, None).context("mm serve configuration")?;
     orchestrator::service::serve(cfg).await
 }
 
+/// `mm eval …`: runs `mm-eval …` from beside this binary, passing its exit status on.
+fn cmd_eval(args: Vec<String>) -> Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("mm-eval");
+    let status = std::process::Command::new(&exe)
+        .args(args)
+        .status()
+        .with_context(|| {
+            format!(
+                "starting {} (build the workspace: cargo build --release)",
+                exe.display()
+            )
+        })?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    mm_kit::trace::init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -301,6 +342,7 @@ fn main() {
             Command::Chat(a) => cmd_chat(a).await,
             Command::Sessions(a) => cmd_sessions(a).await,
             Command::Bench(a) => cmd_bench(a).await,
+            Command::Eval { args } => cmd_eval(args),
         }
     });
     if let Err(e) = result {

@@ -13,7 +13,12 @@ fn spark(entropy: f32) -> char {
 
 pub fn compact(e: &E) -> String {
     match e {
-        E::Started(s) => format!("· turn {} on {}\n", s.turn + 1, s.muse_replica),
+        E::Started(s) => format!(
+            "· turn {} on {} (seed {})\n",
+            s.turn + 1,
+            s.muse_replica,
+            s.seed
+        ),
         E::LatentStep(l) => {
             let top: Vec<String> = l
                 .top
@@ -29,8 +34,24 @@ pub fn compact(e: &E) -> String {
                 top.join(" ")
             )
         }
-        E::Commit(c) => format!("  draft: {}\n", c.text.replace('\n', " ")),
-        E::Critique(c) => format!("  majordomo: {}\n", c.verdict),
+        E::Commit(c) if c.rendered.is_empty() => {
+            format!("  draft: {}\n", c.text.replace('\n', " "))
+        }
+        E::Commit(c) => format!(
+            "  draft: [{}]{}\n",
+            c.rendered.replace('\n', " "),
+            c.text
+                .strip_prefix(c.rendered.as_str())
+                .unwrap_or(&c.text)
+                .replace('\n', " ")
+        ),
+        E::Critique(c) => format!(
+            "  majordomo: {}, fluency {:.2} nats/token{}\n",
+            verdict(c.verdict()),
+            c.nll,
+            flags(&c.flags)
+        ),
+        E::Revision(r) if r.plain => format!("  revising: {}\n", r.reason),
         E::Revision(r) => format!(
             "  revising: noise {:.2}, {} steps ({})\n",
             r.noise, r.steps, r.reason
@@ -46,17 +67,22 @@ pub fn compact(e: &E) -> String {
 pub fn event_json(e: &E) -> serde_json::Value {
     match e {
         E::Started(s) => {
-            json!({"type": "started", "turn": s.turn, "muse_replica": s.muse_replica, "muse_model": s.roles.as_ref().map(|r| r.muse.clone())})
+            json!({"type": "started", "turn": s.turn, "seed": s.seed, "muse_replica": s.muse_replica, "muse_model": s.roles.as_ref().map(|r| r.muse.clone())})
         }
         E::LatentStep(l) => {
             json!({"type": "latent_step", "attempt": l.attempt, "burst": l.burst, "step": l.step, "entropy": l.entropy, "norm": l.norm,
             "top": l.top.iter().map(|t| json!({"text": t.text, "p": t.p})).collect::<Vec<_>>()})
         }
-        E::Commit(c) => json!({"type": "commit", "attempt": c.attempt, "text": c.text}),
-        E::Critique(c) => json!({"type": "critique", "attempt": c.attempt, "verdict": c.verdict,
-            "critique": serde_json::from_str::<serde_json::Value>(&c.json).unwrap_or(serde_json::Value::Null)}),
+        E::Commit(c) => {
+            json!({"type": "commit", "attempt": c.attempt, "text": c.text, "rendered": c.rendered})
+        }
+        E::Critique(c) => {
+            json!({"type": "critique", "attempt": c.attempt, "verdict": verdict(c.verdict()),
+            "nll": c.nll, "flags": c.flags().map(flag_name).collect::<Vec<_>>(), "segment": c.segment,
+            "critique": serde_json::from_str::<serde_json::Value>(&c.json).unwrap_or(serde_json::Value::Null)})
+        }
         E::Revision(r) => {
-            json!({"type": "revision", "next_attempt": r.next_attempt, "noise": r.noise, "steps": r.steps, "reason": r.reason})
+            json!({"type": "revision", "next_attempt": r.next_attempt, "noise": r.noise, "steps": r.steps, "plain": r.plain, "reason": r.reason})
         }
         E::Reply(r) => {
             json!({"type": "reply", "turn": r.turn, "attempt": r.attempt, "text": r.text})
@@ -66,4 +92,37 @@ pub fn event_json(e: &E) -> serde_json::Value {
         }
         E::Error(err) => json!({"type": "error", "code": err.code, "message": err.message}),
     }
+}
+
+/// A verdict as a word.
+pub fn verdict(v: pb::Verdict) -> &'static str {
+    match v {
+        pb::Verdict::Accept => "accept",
+        pb::Verdict::Revise => "revise",
+        pb::Verdict::Reject => "reject",
+        pb::Verdict::Unspecified => "none",
+    }
+}
+
+fn flag_name(f: pb::Flag) -> &'static str {
+    match f {
+        pb::Flag::Repetition => "repetition",
+        pb::Flag::BrokenWords => "broken_words",
+        pb::Flag::ScriptSwitch => "script_switch",
+        pb::Flag::Format => "format",
+        pb::Flag::Empty => "empty",
+        pb::Flag::Unspecified => "unspecified",
+    }
+}
+
+/// ", flagged: a, b" for a flagged draft; nothing for a clean one.
+fn flags(raw: &[i32]) -> String {
+    if raw.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = raw
+        .iter()
+        .map(|&f| flag_name(pb::Flag::try_from(f).unwrap_or(pb::Flag::Unspecified)))
+        .collect();
+    format!(", flagged: {}", names.join(", "))
 }

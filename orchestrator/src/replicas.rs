@@ -16,6 +16,15 @@ pub enum Role {
     Majordomo,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Muse => "muse",
+            Role::Majordomo => "majordomo",
+        }
+    }
+}
+
 pub struct Replica {
     pub endpoint: String,
     pub role: Role,
@@ -83,6 +92,7 @@ impl Drop for Lease {
 }
 
 pub struct Pool {
+    pub role: Role,
     pub replicas: Vec<Arc<Replica>>,
 }
 
@@ -106,7 +116,7 @@ impl Pool {
                 }))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self { replicas })
+        Ok(Self { role, replicas })
     }
 
     /// Checks every replica once, one after the other (a down one costs `timeout`).
@@ -127,6 +137,14 @@ impl Pool {
         m.sort();
         m.dedup();
         m
+    }
+
+    /// The endpoint a call for `model` would go to next, leaving out `exclude`.
+    pub fn next(&self, model: &str, exclude: &[String]) -> Option<String> {
+        self.replicas
+            .iter()
+            .find(|r| r.is_healthy() && r.model() == model && !exclude.contains(&r.endpoint))
+            .map(|r| r.endpoint.clone())
     }
 
     /// A healthy replica serving `model` (any model when empty), least loaded first, leased

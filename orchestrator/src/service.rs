@@ -1,9 +1,11 @@
 //! The client API (`orchestrator.v1.Orchestrator`).
 
 use crate::config::Config;
-use crate::pipeline::{self, TurnContext};
+use crate::history;
+use crate::policy::TurnPolicy;
 use crate::replicas::{Pool, Role};
 use crate::store::Store;
+use crate::turn::{self, TurnContext};
 use mm_proto::orchestrator::v1 as pb;
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -143,39 +145,10 @@ impl OrchestratorService {
         })
     }
 
-    fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<pb::DreamPolicy, Status> {
-        let d = &self.shared.cfg.policy;
-        let p = p.unwrap_or_default();
-        let pick = |v: u32, def: u32| if v == 0 { def } else { v };
-        let pickf = |v: f32, def: f32| if v == 0.0 { def } else { v };
-        let out = pb::DreamPolicy {
-            bursts: pick(p.bursts, d.bursts),
-            steps: pick(p.steps, d.steps),
-            commit_tokens: pick(p.commit_tokens, d.commit_tokens),
-            noise: pickf(p.noise, d.noise),
-            gumbel_tau: pickf(p.gumbel_tau, d.gumbel_tau),
-            temperature: pickf(p.temperature, d.temperature),
-            adaptive: p.adaptive,
-            max_attempts: pick(p.max_attempts, d.max_attempts),
-            critique_each_segment: p.critique_each_segment,
-            seed: p.seed,
-        };
-        let bad = |m: &str| Err(Status::invalid_argument(m.to_string()));
-        if out.bursts > 16 || out.steps > 256 || out.commit_tokens > 512 || out.max_attempts > 5 {
-            return bad("policy out of range: bursts <= 16, steps <= 256, commit_tokens <= 512, max_attempts <= 5");
-        }
-        if !out.noise.is_finite()
-            || out.noise < 0.0
-            || !out.gumbel_tau.is_finite()
-            || out.gumbel_tau < 0.0
-            || !out.temperature.is_finite()
-            || out.temperature < 0.0
-        {
-            return bad(
-                "policy.noise, policy.gumbel_tau and policy.temperature must be finite and >= 0",
-            );
-        }
-        Ok(out)
+    /// The policy a request asks for, completed with the configured defaults.
+    fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<TurnPolicy, Status> {
+        TurnPolicy::resolve(&p.unwrap_or_default(), &self.shared.cfg.policy)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -200,12 +173,12 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             .shared
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{:x}{:04x}", pipeline::now_ms(), n & 0xffff);
+        let id = format!("{:x}{:04x}", turn::now_ms(), n & 0xffff);
         let s = pb::Session {
             id,
             roles: Some(roles),
-            policy: Some(policy),
-            created_unix_ms: pipeline::now_ms(),
+            policy: Some(policy.to_pb()),
+            created_unix_ms: turn::now_ms(),
             ..Default::default()
         };
         self.shared.store.put(&s).map_err(store_err)?;
@@ -284,6 +257,8 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             )));
         }
         let session = self.load(&r.session_id)?;
+        // Sessions store their policy resolved; older ones lack the newer fields (defaults).
+        let policy = self.policy(session.policy)?;
         let permit = self.shared.turns.clone().try_acquire_owned().map_err(|_| {
             let mut s = Status::resource_exhausted(format!(
                 "{} turns are running (max_turns): retry in a few seconds",
@@ -322,12 +297,12 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             let t_turn = std::time::Instant::now();
             let mut session = session;
             let majordomo_model = session.roles.clone().unwrap_or_default().majordomo;
-            let folded = pipeline::fold_history(&ctx, &session, &majordomo_model).await;
+            let folded = history::fold(&ctx, &session, &majordomo_model).await;
             if let Some((summary, through)) = &folded {
                 session.summary = summary.clone();
                 session.summarized_turns = *through;
             }
-            let result = pipeline::run_turn(&ctx, &session, &message).await;
+            let result = turn::run(&ctx, &session, &policy, &message).await;
             let outcome = match result {
                 Ok(turn) => {
                     // Re-read: SetRoles may have changed the session meanwhile; the turn is appended.
@@ -391,7 +366,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let service = OrchestratorService::new(cfg)?;
     service.start_health_checks().await;
     tracing::info!(listen, "orchestrator serving");
-    mm_proto::server::serve(
+    mm_kit::serve::serve(
         &listen,
         "orchestrator.v1.Orchestrator",
         tonic::service::Routes::new(service.into_server()),

@@ -1,7 +1,11 @@
 //! The embedded session store (redb): one table, session id → the `orchestrator.v1.Session`
 //! message, prost-encoded. redb commits are durable and crash-safe, so a turn reported as
 //! committed survives a crash; everything else (KV caches) is rebuilt from this text.
+//!
+//! Sessions stored before verdicts and stop reasons became enums carry them as text; they are
+//! read in both forms (see [`upgrade`]) and written in the new one.
 
+use mm_proto::muse::v1 as upb;
 use mm_proto::orchestrator::v1 as pb;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -53,9 +57,7 @@ impl Store {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(SESSIONS).map_err(db_err)?;
         match t.get(id).map_err(db_err)? {
-            Some(v) => pb::Session::decode(v.value())
-                .map(Some)
-                .map_err(|_| StoreError::Corrupt(id.into())),
+            Some(v) => decode(id, v.value()).map(Some),
             None => Ok(None),
         }
     }
@@ -67,10 +69,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            out.push(
-                pb::Session::decode(v.value())
-                    .map_err(|_| StoreError::Corrupt(k.value().into()))?,
-            );
+            out.push(decode(k.value(), v.value())?);
         }
         out.sort_by(|a, b| {
             b.created_unix_ms
@@ -90,6 +89,38 @@ impl Store {
         };
         tx.commit().map_err(db_err)?;
         Ok(existed)
+    }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<pb::Session, StoreError> {
+    let mut s = pb::Session::decode(bytes).map_err(|_| StoreError::Corrupt(id.into()))?;
+    upgrade(&mut s);
+    Ok(s)
+}
+
+/// Moves the text forms of sessions stored before the enums into the enums.
+pub fn upgrade(s: &mut pb::Session) {
+    for a in s.turns.iter_mut().flat_map(|t| &mut t.attempts) {
+        if !a.legacy_verdict.is_empty() {
+            let v = match a.legacy_verdict.as_str() {
+                "accept" => pb::Verdict::Accept,
+                "reject" => pb::Verdict::Reject,
+                _ => pb::Verdict::Revise,
+            };
+            a.verdict = v as i32;
+            a.legacy_verdict.clear();
+        }
+        for b in &mut a.bursts {
+            if !b.legacy_stop_reason.is_empty() {
+                let stop = upb::BurstStop::from_str_name(&format!(
+                    "BURST_STOP_{}",
+                    b.legacy_stop_reason.to_uppercase()
+                ))
+                .unwrap_or(upb::BurstStop::Unspecified);
+                b.stop = stop as i32;
+                b.legacy_stop_reason.clear();
+            }
+        }
     }
 }
 
@@ -132,5 +163,35 @@ mod tests {
         assert!(store.delete("a").unwrap());
         assert!(!store.delete("a").unwrap());
         assert!(store.get("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn sessions_stored_before_the_enums_still_load() {
+        // A store written by the previous release (`mm run` before this change).
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sessions-before-typed-edges.redb");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        std::fs::copy(fixture, &path).unwrap();
+        let store = Store::open(&path).unwrap();
+        let sessions = store.list().unwrap();
+        assert_eq!(sessions.len(), 1);
+        let s = &sessions[0];
+        assert_eq!(s.turns.len(), 1);
+        let a = &s.turns[0].attempts[0];
+        assert!(a.legacy_verdict.is_empty());
+        assert_ne!(a.verdict(), pb::Verdict::Unspecified);
+        assert!(a
+            .bursts
+            .iter()
+            .all(|b| b.stop() == upb::BurstStop::Budget && b.legacy_stop_reason.is_empty()));
+        // Its policy was stored with the old fields set: they stay, the rest take defaults.
+        let p = crate::policy::TurnPolicy::resolve(
+            s.policy.as_ref().unwrap(),
+            &crate::policy::TurnPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!((p.bursts, p.steps, p.commit_tokens), (2, 4, 24));
+        assert_eq!(p.seed, None, "the old zero seed was the unset default");
     }
 }

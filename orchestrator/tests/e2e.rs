@@ -40,7 +40,7 @@ fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         .spawn()
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let addr =
-        mm_proto::server::listening_address(&mut child).unwrap_or_else(|e| panic!("{name}: {e}"));
+        mm_kit::serve::listening_address(&mut child).unwrap_or_else(|e| panic!("{name}: {e}"));
     Proc { child, addr }
 }
 
@@ -102,10 +102,10 @@ async fn client(p: &Proc) -> OrchestratorClient<Channel> {
 
 fn quick() -> pb::DreamPolicy {
     pb::DreamPolicy {
-        bursts: 2,
-        steps: 3,
-        commit_tokens: 12,
-        max_attempts: 1,
+        bursts: Some(2),
+        steps: Some(3),
+        commit_tokens: Some(12),
+        max_attempts: Some(1),
         ..Default::default()
     }
 }
@@ -327,10 +327,10 @@ async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
         .create_session(pb::CreateSessionRequest {
             roles: None,
             policy: Some(pb::DreamPolicy {
-                bursts: 3,
-                steps: 8,
-                commit_tokens: 16,
-                max_attempts: 1,
+                bursts: Some(3),
+                steps: Some(8),
+                commit_tokens: Some(16),
+                max_attempts: Some(1),
                 ..Default::default()
             }),
         })
@@ -393,10 +393,10 @@ async fn sixteen_concurrent_sessions_complete_with_no_lost_turn() {
     let mut ids = Vec::new();
     for _ in 0..16 {
         let p = pb::DreamPolicy {
-            bursts: 1,
-            steps: 2,
-            commit_tokens: 8,
-            max_attempts: 1,
+            bursts: Some(1),
+            steps: Some(2),
+            commit_tokens: Some(8),
+            max_attempts: Some(1),
             ..Default::default()
         };
         ids.push(
@@ -442,4 +442,243 @@ async fn sixteen_concurrent_sessions_complete_with_no_lost_turn() {
             .map(|s| s.turn_count)
             .collect::<Vec<_>>()
     );
+}
+
+/// The reply a fresh session gives to `msg` under `policy`, and the turn's seed.
+async fn first_reply(
+    c: &mut OrchestratorClient<Channel>,
+    policy: pb::DreamPolicy,
+    msg: &str,
+) -> (String, u64) {
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            roles: None,
+            policy: Some(policy),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    turn(c, &s.id, msg, |_| {}).await.unwrap();
+    let got = c
+        .get_session(pb::GetSessionRequest { session_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
+    (got.turns[0].reply.clone(), got.turns[0].seed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_seeds_differ_a_seed_replays_and_a_long_story_does_not_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let orch = orchestrator(&dir.path().join("s.redb"), &[&m], &md);
+    let mut c = client(&orch).await;
+    let haiku = "Write a haiku about the sea.";
+
+    // Two unseeded runs of a prompt: fresh seeds, recorded, and different replies.
+    let (a, seed_a) = first_reply(&mut c, pb::DreamPolicy::default(), haiku).await;
+    let (b, seed_b) = first_reply(&mut c, pb::DreamPolicy::default(), haiku).await;
+    assert_ne!(seed_a, seed_b);
+    assert_ne!(a, b, "two unseeded runs gave the same reply");
+    // A recorded seed replays the turn.
+    let seeded = pb::DreamPolicy {
+        seed: Some(seed_a),
+        ..Default::default()
+    };
+    let (again, seed) = first_reply(&mut c, seeded, haiku).await;
+    assert_eq!((again.as_str(), seed), (a.as_str(), seed_a));
+
+    // Twelve turns of one story with the default policy: no reply loops a line.
+    let s = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let asks = [
+        "Tell me a story about a lighthouse keeper.",
+        "What did the keeper see that night?",
+        "Who came to visit the lighthouse?",
+        "What did they talk about?",
+        "Then a storm came. What happened?",
+        "How did the keeper feel?",
+        "What did the visitor do next?",
+        "Describe the morning after the storm.",
+        "What did they find on the beach?",
+        "Where did the visitor go?",
+        "What did the keeper write in the log?",
+        "How does the story end?",
+    ];
+    for ask in asks {
+        turn(&mut c, &s.id, ask, |_| {}).await.unwrap();
+    }
+    let got = c
+        .get_session(pb::GetSessionRequest { session_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.turns.len(), 12);
+    for t in &got.turns {
+        let lines = t
+            .reply
+            .lines()
+            .map(|l| l.trim().to_lowercase())
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>();
+        let worst = lines
+            .iter()
+            .map(|l| lines.iter().filter(|m| *m == l).count())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            worst <= 2,
+            "turn {} repeats a line {worst} times: {:?}",
+            t.index,
+            t.reply
+        );
+        assert!(!t.reply.trim().is_empty(), "turn {} is empty", t.index);
+    }
+}
+
+/// A port no one listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The services a port's reflection lists, over v1 and v1alpha.
+async fn reflected(addr: &str) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut a = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut out = a
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        out.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let mut v1_names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    v1_names.sort();
+    let mut b = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut out = b
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        out.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let mut alpha: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    alpha.sort();
+    (v1_names, alpha)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_environment_configuration_and_reflection_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let store = dir.path().join("s.redb");
+    let orch = spawn_env(
+        "mm",
+        &["serve"],
+        &[
+            ("MM_LISTEN", listen.as_str()),
+            ("MM_STORE", store.to_str().unwrap()),
+            ("MM_MUSE", m.addr.as_str()),
+            ("MM_MAJORDOMO", md.addr.as_str()),
+            ("MM_POLICY__STEPS", "1"),
+            ("MM_POLICY__RENDER", "translate"),
+        ],
+    );
+    assert_eq!(
+        orch.addr,
+        format!("http://{listen}"),
+        "MM_LISTEN was ignored"
+    );
+    let mut c = client(&orch).await;
+    let s = c
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let p = s.policy.unwrap();
+    assert_eq!(p.steps, Some(1), "MM_POLICY__STEPS was ignored");
+    assert_eq!(p.render(), mm_proto::muse::v1::Render::Translate);
+    // Zero is a value, not "unset": a session asks for noise 0 and a greedy commit against
+    // configured defaults that are not zero.
+    let zero = c
+        .create_session(pb::CreateSessionRequest {
+            roles: None,
+            policy: Some(pb::DreamPolicy {
+                temperature: Some(0.0),
+                commit_temperature: Some(0.0),
+                noise: Some(0.0),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policy
+        .unwrap();
+    assert_eq!(
+        (zero.temperature, zero.commit_temperature, zero.noise),
+        (Some(0.0), Some(0.0), Some(0.0))
+    );
+
+    // Each port lists its own services, health and reflection, in v1 and v1alpha.
+    for (addr, own) in [
+        (&orch.addr, "orchestrator.v1.Orchestrator"),
+        (&m.addr, "muse.v1.Muse"),
+        (&md.addr, "majordomo.v1.Majordomo"),
+    ] {
+        let (v1, alpha) = reflected(addr).await;
+        for list in [&v1, &alpha] {
+            assert!(list.contains(&own.to_string()), "{addr}: {list:?}");
+            assert!(
+                list.contains(&"grpc.health.v1.Health".to_string()),
+                "{list:?}"
+            );
+            let others = list
+                .iter()
+                .filter(|n| {
+                    n.ends_with(".v1.Muse")
+                        || n.ends_with(".v1.Majordomo")
+                        || n.ends_with(".v1.Orchestrator")
+                })
+                .count();
+            assert_eq!(
+                others, 1,
+                "{addr} lists services it does not serve: {list:?}"
+            );
+        }
+    }
 }

@@ -19,7 +19,6 @@ pub mod orchestrator {
 }
 
 pub mod muse_session;
-pub mod server;
 
 /// Encoded descriptors of every service, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -23,7 +23,7 @@ pub const ATTENTION_SCRATCH_FLOATS: usize = 12_288;
 pub(crate) fn cuda_device(device: &Device) -> Result<&CudaDevice> {
     match device {
         Device::Cuda(d) => Ok(d),
-        other => Err(LmError::InvalidInput(format!(
+        other => Err(LmError::Layout(format!(
             "a CUDA kernel was asked to run on {other:?}"
         ))),
     }
@@ -32,15 +32,13 @@ pub(crate) fn cuda_device(device: &Device) -> Result<&CudaDevice> {
 /// Device address of a contiguous CUDA tensor's first element.
 pub(crate) fn addr(t: &Tensor) -> Result<u64> {
     if !t.is_contiguous() {
-        return Err(LmError::InvalidInput(
+        return Err(LmError::Layout(
             "CUDA kernels take contiguous tensors".into(),
         ));
     }
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
-        return Err(LmError::InvalidInput(
-            "CUDA kernels take CUDA tensors".into(),
-        ));
+        return Err(LmError::Layout("CUDA kernels take CUDA tensors".into()));
     };
     let stream = cs.device.cuda_stream();
     let base = match t.dtype() {
@@ -50,7 +48,7 @@ pub(crate) fn addr(t: &Tensor) -> Result<u64> {
         DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
         DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
         other => {
-            return Err(LmError::InvalidInput(format!(
+            return Err(LmError::Layout(format!(
                 "CUDA kernels do not take {other:?} tensors"
             )))
         }
@@ -69,7 +67,7 @@ pub(crate) fn empty(shape: impl Into<Shape>, dtype: DType, dev: &CudaDevice) -> 
             DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
             DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
             other => {
-                return Err(LmError::InvalidInput(format!(
+                return Err(LmError::Layout(format!(
                     "no uninitialised {other:?} buffers"
                 )))
             }
@@ -126,7 +124,7 @@ pub(crate) fn launch(
 
 fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
     t.dims2()
-        .map_err(|_| LmError::InvalidInput(format!("{what} must be 2-D, got {:?}", t.dims())))
+        .map_err(|_| LmError::Layout(format!("{what} must be 2-D, got {:?}", t.dims())))
 }
 
 /// Per row of f32 `logits [rows, n]` at temperature scale `inv_t`: `[rows, 3]` holding
@@ -143,7 +141,7 @@ pub fn softmax_stats(
     let (rows, n) = dims2(&logits, "logits")?;
     if let Some(p) = prev_logp {
         if p.dims() != logits.dims() {
-            return Err(LmError::InvalidInput(format!(
+            return Err(LmError::Layout(format!(
                 "previous log-probabilities {:?} do not match logits {:?}",
                 p.dims(),
                 logits.dims()
@@ -179,7 +177,7 @@ pub fn topk(x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (rows, n) = dims2(&x, "top-k input")?;
     if k == 0 || k > 1024 || k > n {
-        return Err(LmError::InvalidInput(format!(
+        return Err(LmError::Layout(format!(
             "top-k needs 1 <= k <= min(1024, {n}), got {k}"
         )));
     }
@@ -209,9 +207,7 @@ pub(crate) fn upload<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<()> {
     let dev = cuda_device(dst.device())?;
     if std::mem::size_of_val(src) > dst.elem_count() * dst.dtype().size_in_bytes() {
-        return Err(LmError::InvalidInput(
-            "upload larger than its buffer".into(),
-        ));
+        return Err(LmError::Layout("upload larger than its buffer".into()));
     }
     let stream = dev.cuda_stream();
     // SAFETY: `dst` is a live allocation at least as large as `src` (checked above); the copy
@@ -258,3 +254,6 @@ pub fn copy_bandwidth(device: &Device) -> Result<f64> {
     stream.synchronize().map_err(candle_core::Error::wrap)?;
     Ok((2 * n * reps) as f64 / t.elapsed().as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests;

@@ -129,7 +129,7 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |why: String| Err(LmError::InvalidInput(format!("model config: {why}")));
+        let bad = |why: String| Err(LmError::Layout(format!("model config: {why}")));
         if self.hidden == 0
             || self.layers == 0
             || self.heads == 0

@@ -12,7 +12,8 @@
 //! and the decode step of each batch size is captured once as a CUDA graph and replayed, which
 //! removes the per-launch host cost altogether.
 
-use super::{Block, ModelConfig, Norm, RopeStyle};
+use super::config::RopeStyle;
+use super::{Block, ModelConfig, Norm};
 use crate::cuda::{self, addr, empty, launch, opt_ptr, Arg};
 use crate::error::{LmError, Result};
 use candle_core::backend::BackendDevice;
@@ -201,7 +202,7 @@ impl Fused {
     /// Single-position batches of up to [`GRAPH_BATCHES`] rows replay a captured graph.
     pub(crate) fn forward(&self, x: &Tensor, rows: &[Row]) -> Result<Tensor> {
         if rows.is_empty() || x.dim(0)? != rows.len() {
-            return Err(LmError::InvalidInput(format!(
+            return Err(LmError::Layout(format!(
                 "fused forward: {} input rows for {} positions",
                 x.dim(0)?,
                 rows.len()

@@ -1,9 +1,9 @@
 //! Linear layers over quantized (GGUF) or dense (safetensors) weights.
 
 use crate::error::{LmError, Result};
-use crate::kernels::{matmul_multi, KernelPool, QType, QWeight, QuantizedActivation};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
+use mm_kernels::{matmul_multi, KernelPool, QType, QWeight, QuantizedActivation};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ impl Linear {
         if let (true, Some(kind)) = (q.device().is_cpu(), kernel_type(q.dtype())) {
             let (rows, cols) = q.shape().dims2()?;
             let w = QWeight::new(kind, rows, cols, q.data()?.into_owned())
-                .map_err(|e| LmError::InvalidInput(format!("weight layout: {e}")))?;
+                .map_err(|e| LmError::Layout(format!("weight layout: {e}")))?;
             return Ok(Self {
                 weight: Weight::Kernel(w),
                 bias,

@@ -13,10 +13,10 @@ mod random;
 mod rope;
 mod safetensors;
 
-pub use config::{Activation, Architecture, LlamaShape, ModelConfig, RopeStyle};
+pub use config::{Activation, Architecture, ModelConfig};
 pub use embedding::Embedding;
 pub use gguf::GgufFile;
-pub use random::{shape_named, SHAPES};
+pub use random::{shape_named, NamedShape, SHAPES};
 pub(crate) use safetensors::safetensors_shards;
 
 use crate::cache::KvCache;
@@ -278,7 +278,7 @@ impl Model {
                 .iter()
                 .map(|c| {
                     let buf = c.flat_buffer().ok_or_else(|| {
-                        LmError::InvalidInput("a cache from another model was passed".into())
+                        LmError::Layout("a cache from another model was passed".into())
                     })?;
                     Ok(fused::Row {
                         cache: crate::cuda::addr(buf)?,

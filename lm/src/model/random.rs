@@ -56,7 +56,7 @@ pub const SHAPES: &[NamedShape] = &[
 
 pub fn shape_named(name: &str) -> Result<&'static NamedShape> {
     SHAPES.iter().find(|s| s.name == name).ok_or_else(|| {
-        LmError::InvalidInput(format!(
+        LmError::Layout(format!(
             "unknown shape `{name}`: use one of {}",
             SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
         ))
@@ -99,7 +99,7 @@ impl NamedTensors for RandomTensors {
     fn get(&self, name: &str) -> Result<Tensor> {
         let shape = self
             .shape_of(name)
-            .ok_or_else(|| LmError::InvalidInput(format!("no random tensor `{name}`")))?;
+            .ok_or_else(|| LmError::Layout(format!("no random tensor `{name}`")))?;
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, DType::F32, &self.device)?
         } else {

@@ -1,7 +1,7 @@
 //! Matrix-vector micro-benchmark for the SmolLM2-135M / Gemma-3-270M shapes.
 //!
-//!   cargo bench -p lm --bench kernels                 # candle at its default thread count
-//!   CANDLE_NUM_THREADS=1 cargo bench -p lm --bench kernels
+//!   cargo bench -p mm-kernels --bench kernels                 # candle at its default thread count
+//!   CANDLE_NUM_THREADS=1 cargo bench -p mm-kernels --bench kernels
 //!
 //! "hot": one weight matrix, resident in L2/L3. "cold": rotating over enough copies to exceed
 //! the L3 (as in a real decode step, where the whole model streams from DRAM each token).
@@ -11,7 +11,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use lm::kernels::{matmul_multi, ActKind, KernelPool, QType, QWeight, QuantizedActivation};
+use mm_kernels::{matmul_multi, ActKind, KernelPool, QType, QWeight, QuantizedActivation};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ fn main() {
     let candle_threads = candle_core::utils::get_num_threads();
     println!(
         "avx2 kernels: {} | candle threads: {} (CANDLE_NUM_THREADS={:?})",
-        lm::kernels::has_avx2(),
+        mm_kernels::has_avx2(),
         candle_threads,
         std::env::var("CANDLE_NUM_THREADS").ok()
     );

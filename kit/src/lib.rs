@@ -1,0 +1,15 @@
+//! `mm-kit`: what the three services share, written once.
+//!
+//! - [`config`]: layered configuration (serde defaults, TOML file, `PREFIX_*` environment, flags);
+//! - [`serve`]: a service's routes with gRPC health and reflection on a bound listener;
+//! - [`trace`]: logging to stderr, filtered by `RUST_LOG`;
+//! - with the `model` feature (muse, majordomo): [`model`], the model flags and loading (fetching
+//!   a missing default model), and [`status`], the runtime's errors as gRPC statuses.
+
+pub mod config;
+#[cfg(feature = "model")]
+pub mod model;
+pub mod serve;
+#[cfg(feature = "model")]
+pub mod status;
+pub mod trace;
