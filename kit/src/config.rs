@@ -9,7 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use ::config::{ConfigError, Value};
 
@@ -24,6 +24,60 @@ impl Overrides {
         }
         self
     }
+}
+
+/// The flags every model service (muse, majordomo) takes: its file, address and model.
+/// Each service flattens these into its own flags and adds its limits.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ModelServiceFlags {
+    /// A TOML configuration file (see deploy/<service>.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// `cpu`, `cuda` or `cuda:<n>`.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub max_context: Option<usize>,
+}
+
+impl ModelServiceFlags {
+    /// The sources of a model service's configuration: these flags over `PREFIX_*` over the file.
+    pub fn sources<'a>(
+        &'a self,
+        prefix: &'a str,
+        env: Option<HashMap<String, String>>,
+    ) -> Sources<'a> {
+        Sources {
+            prefix,
+            file: self.config.as_deref(),
+            list_keys: &[],
+            env,
+            overrides: Overrides::default()
+                .set("listen", self.listen.clone())
+                .set("model", self.model.clone())
+                .set("device", self.device.clone())
+                .set("threads", self.threads.map(|x| x as u64))
+                .set("max_context", self.max_context.map(|x| x as u64)),
+        }
+    }
+}
+
+/// `listen` must be a socket address; the message shows a valid one.
+pub fn check_listen(listen: &str, example: &str) -> Result<(), ConfigError> {
+    listen
+        .parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            ConfigError::Message(format!(
+                "listen = `{listen}` is not an address like {example}"
+            ))
+        })
 }
 
 /// Where a configuration comes from.

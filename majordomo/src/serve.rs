@@ -3,10 +3,9 @@
 
 use crate::review::Majordomo;
 use crate::service::MajordomoService;
-use mm_kit::config::{self, ConfigError, Overrides, Sources};
+use mm_kit::config::{self, ConfigError, ModelServiceFlags};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// The majordomo service's configuration. `Default` holds the defaults (documented in
@@ -43,20 +42,8 @@ impl Default for ServeConfig {
 
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeFlags {
-    /// A TOML configuration file (see deploy/majordomo.example.toml).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub listen: Option<String>,
-    #[arg(long)]
-    pub model: Option<String>,
-    /// `cpu`, `cuda` or `cuda:<n>`.
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub threads: Option<usize>,
-    #[arg(long)]
-    pub max_context: Option<usize>,
+    #[command(flatten)]
+    pub service: ModelServiceFlags,
     #[arg(long)]
     pub workers: Option<usize>,
     #[arg(long)]
@@ -70,27 +57,13 @@ impl ServeConfig {
         flags: &ServeFlags,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
-        let n = |v: Option<usize>| v.map(|x| x as u64);
-        let cfg: Self = config::load(Sources {
-            prefix: "MAJORDOMO",
-            file: flags.config.as_deref(),
-            list_keys: &[],
-            env,
-            overrides: Overrides::default()
-                .set("listen", flags.listen.clone())
-                .set("model", flags.model.clone())
-                .set("device", flags.device.clone())
-                .set("threads", n(flags.threads))
-                .set("max_context", n(flags.max_context))
-                .set("workers", n(flags.workers))
-                .set("queue_capacity", n(flags.queue_capacity)),
-        })?;
-        if cfg.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ConfigError::Message(format!(
-                "listen = `{}` is not an address like 127.0.0.1:50052",
-                cfg.listen
-            )));
-        }
+        let mut sources = flags.service.sources("MAJORDOMO", env);
+        sources.overrides = sources
+            .overrides
+            .set("workers", flags.workers.map(|x| x as u64))
+            .set("queue_capacity", flags.queue_capacity.map(|x| x as u64));
+        let cfg: Self = config::load(sources)?;
+        config::check_listen(&cfg.listen, "127.0.0.1:50052")?;
         if cfg.workers == 0 || cfg.max_context < 512 || cfg.threads == Some(0) {
             return Err(ConfigError::Message(
                 "workers and threads must be >= 1, max_context >= 512".into(),
@@ -129,7 +102,10 @@ mod tests {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/majordomo.example.toml");
         let flags = ServeFlags {
-            config: Some(example),
+            service: ModelServiceFlags {
+                config: Some(example),
+                ..Default::default()
+            },
             workers: Some(2),
             ..Default::default()
         };

@@ -1,11 +1,9 @@
 //! `muse serve`: configuration (file, then `MUSE_*` environment, then flags) and the server.
 
 use crate::service::{Limits, MuseService};
-use mm_kit::config::{self, ConfigError, Overrides, Sources};
+use mm_kit::config::{self, ConfigError, ModelServiceFlags};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// The muse service's configuration. `Default` holds the defaults (documented in
@@ -47,22 +45,10 @@ impl Default for ServeConfig {
 /// Values given on the command line; they win over the file and the environment.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeFlags {
-    /// A TOML configuration file (see deploy/muse.example.toml).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub listen: Option<String>,
-    #[arg(long)]
-    pub model: Option<String>,
-    /// `cpu`, `cuda` or `cuda:<n>`.
-    #[arg(long)]
-    pub device: Option<String>,
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub service: ModelServiceFlags,
     #[arg(long)]
     pub max_sessions: Option<usize>,
-    #[arg(long)]
-    pub max_context: Option<usize>,
     #[arg(long)]
     pub kv_memory_mb: Option<usize>,
     #[arg(long)]
@@ -77,33 +63,20 @@ impl ServeConfig {
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
         let n = |v: Option<usize>| v.map(|x| x as u64);
-        let cfg: Self = config::load(Sources {
-            prefix: "MUSE",
-            file: flags.config.as_deref(),
-            list_keys: &[],
-            env,
-            overrides: Overrides::default()
-                .set("listen", flags.listen.clone())
-                .set("model", flags.model.clone())
-                .set("device", flags.device.clone())
-                .set("threads", n(flags.threads))
-                .set("max_sessions", n(flags.max_sessions))
-                .set("max_context", n(flags.max_context))
-                .set("kv_memory_mb", n(flags.kv_memory_mb))
-                .set("compute_slots", n(flags.compute_slots)),
-        })?;
+        let mut sources = flags.service.sources("MUSE", env);
+        sources.overrides = sources
+            .overrides
+            .set("max_sessions", n(flags.max_sessions))
+            .set("kv_memory_mb", n(flags.kv_memory_mb))
+            .set("compute_slots", n(flags.compute_slots));
+        let cfg: Self = config::load(sources)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Message(m));
-        if self.listen.parse::<SocketAddr>().is_err() {
-            return bad(format!(
-                "listen = `{}` is not an address like 127.0.0.1:50051",
-                self.listen
-            ));
-        }
+        config::check_listen(&self.listen, "127.0.0.1:50051")?;
         if self.max_sessions == 0 {
             return bad("max_sessions must be at least 1".into());
         }
@@ -161,7 +134,10 @@ mod tests {
         let example =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/muse.example.toml");
         let flags = ServeFlags {
-            config: Some(example),
+            service: ModelServiceFlags {
+                config: Some(example),
+                ..Default::default()
+            },
             max_sessions: Some(3),
             ..Default::default()
         };
@@ -176,7 +152,10 @@ mod tests {
             ("smollm2-135m", 3, 2048, 1)
         );
         let bad = ServeFlags {
-            listen: Some("nowhere".into()),
+            service: ModelServiceFlags {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert!(ServeConfig::load(&bad, Some(HashMap::new()))
