@@ -80,6 +80,16 @@ pub fn check_listen(listen: &str, example: &str) -> Result<(), ConfigError> {
         })
 }
 
+/// An environment given as pairs, for `Sources::env` (tests pass their own environment).
+pub fn environment(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
 /// Where a configuration comes from.
 pub struct Sources<'a> {
     /// The environment prefix, e.g. `MM` for `MM_LISTEN`.
@@ -159,22 +169,13 @@ mod tests {
         }
     }
 
-    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-        Some(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-
     #[test]
     fn environment_names_reach_flat_nested_and_list_keys_and_flags_win() {
         let c: Cfg = load(Sources {
             prefix: "MM",
             file: None,
             list_keys: &["replicas"],
-            env: env(&[
+            env: environment(&[
                 ("MM_LISTEN", "127.0.0.1:50191"),
                 ("MM_HISTORY_CHARS", "7"),
                 ("MM_POLICY__STEPS", "1"),
@@ -198,7 +199,7 @@ mod tests {
             prefix: "MM",
             file: None,
             list_keys: &[],
-            env: env(&[("MM_LISTEN", "127.0.0.1:50191")]),
+            env: environment(&[("MM_LISTEN", "127.0.0.1:50191")]),
             overrides: Overrides::default()
                 .set("listen", Some("127.0.0.1:2"))
                 .set::<String>("ignored", None),

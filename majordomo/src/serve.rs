@@ -109,19 +109,16 @@ mod tests {
             workers: Some(2),
             ..Default::default()
         };
-        let c = ServeConfig::load(&flags, Some(HashMap::new())).unwrap();
+        let c = ServeConfig::load(&flags, config::environment(&[])).unwrap();
         assert_eq!(
             (c.workers, c.queue_capacity, c.listen.as_str()),
             (2, 8, "127.0.0.1:50052")
         );
-        let env = [
+        let env = config::environment(&[
             ("MAJORDOMO_WORKERS", "3"),
             ("MAJORDOMO_MODEL", "gemma3-270m"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let c = ServeConfig::load(&ServeFlags::default(), Some(env)).unwrap();
+        ]);
+        let c = ServeConfig::load(&ServeFlags::default(), env).unwrap();
         assert_eq!((c.workers, c.model.as_str()), (3, "gemma3-270m"));
     }
 }

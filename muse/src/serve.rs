@@ -141,7 +141,7 @@ mod tests {
             max_sessions: Some(3),
             ..Default::default()
         };
-        let c = ServeConfig::load(&flags, Some(HashMap::new())).unwrap();
+        let c = ServeConfig::load(&flags, config::environment(&[])).unwrap();
         assert_eq!(
             (
                 c.model.as_str(),
@@ -158,7 +158,7 @@ mod tests {
             },
             ..Default::default()
         };
-        assert!(ServeConfig::load(&bad, Some(HashMap::new()))
+        assert!(ServeConfig::load(&bad, config::environment(&[]))
             .unwrap_err()
             .to_string()
             .contains("listen"));
@@ -166,15 +166,12 @@ mod tests {
 
     #[test]
     fn the_documented_environment_names_take_effect() {
-        let env = [
+        let env = config::environment(&[
             ("MUSE_LISTEN", "127.0.0.1:50191"),
             ("MUSE_MAX_SESSIONS", "3"),
             ("MUSE_COMPUTE_SLOTS", "2"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let c = ServeConfig::load(&ServeFlags::default(), Some(env)).unwrap();
+        ]);
+        let c = ServeConfig::load(&ServeFlags::default(), env).unwrap();
         assert_eq!(
             (c.listen.as_str(), c.max_sessions, c.compute_slots),
             ("127.0.0.1:50191", 3, 2)

@@ -133,15 +133,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-        Some(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
+    use mm_kit::config::environment;
 
     #[test]
     fn the_example_file_loads_and_flags_win() {
@@ -152,7 +144,7 @@ mod tests {
             muse: vec!["http://a:1".into(), "http://b:1".into()],
             ..Default::default()
         };
-        let c = Config::load(&flags, env(&[])).unwrap();
+        let c = Config::load(&flags, environment(&[])).unwrap();
         assert_eq!(c.muse, ["http://a:1", "http://b:1"]);
         assert_eq!(
             c.policy,
@@ -164,7 +156,7 @@ mod tests {
             muse: vec!["a:1".into()],
             ..Default::default()
         };
-        assert!(Config::load(&bad, env(&[]))
+        assert!(Config::load(&bad, environment(&[]))
             .unwrap_err()
             .to_string()
             .contains("must be a URL"));
@@ -174,7 +166,7 @@ mod tests {
     fn the_documented_environment_names_take_effect() {
         let c = Config::load(
             &Flags::default(),
-            env(&[
+            environment(&[
                 ("MM_LISTEN", "127.0.0.1:50191"),
                 ("MM_POLICY__STEPS", "1"),
                 ("MM_POLICY__RENDER", "translate"),
@@ -188,7 +180,8 @@ mod tests {
         assert_eq!(c.policy.render, mm_proto::muse::v1::Render::Translate);
         assert_eq!(c.history_chars, 7);
         assert_eq!(c.muse, ["http://a:1", "http://b:1"]);
-        let e = Config::load(&Flags::default(), env(&[("MM_POLICY__STEPS", "0")])).unwrap_err();
+        let e =
+            Config::load(&Flags::default(), environment(&[("MM_POLICY__STEPS", "0")])).unwrap_err();
         assert!(e.to_string().contains("policy.steps"), "{e}");
     }
 }
