@@ -193,4 +193,18 @@ mod tests {
         assert!(e.to_string().contains("policy.steps"), "{e}");
         assert!(from_toml("[[setting]]\nname = \"x\"\nstepz = 3\n").is_err());
     }
+
+    #[test]
+    fn the_shipped_grids_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grids");
+        for name in ["eval.toml", "pair.toml"] {
+            let g = from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
+            assert!(
+                g.iter().any(|s| s.plain) && g.iter().any(|s| !s.plain),
+                "{name}"
+            );
+            let default = g.iter().find(|s| s.name == "default").unwrap();
+            assert_eq!(default.policy, TurnPolicy::default(), "{name}");
+        }
+    }
 }

@@ -75,9 +75,11 @@ pub async fn generate(
     let mut done = read_samples(&path)?;
     let have: HashSet<_> = done.iter().map(Sample::key).collect();
     let mut todo = Vec::new();
-    for s in settings {
-        for (pi, p) in prompts.iter().enumerate() {
-            for k in 0..samples {
+    // Prompt by prompt, every setting in turn: a run cut short still compares the settings
+    // on the same prompts.
+    for (pi, p) in prompts.iter().enumerate() {
+        for k in 0..samples {
+            for s in settings {
                 if !have.contains(&(s.name.clone(), pi, k)) {
                     todo.push((s.clone(), pi, p.clone(), k));
                 }
