@@ -92,7 +92,8 @@ impl Default for TurnPolicy {
             cold_threshold: 0.5,
             cold_patience: 2,
             render: upb::Render::Draft,
-            proposal: upb::Proposal::Top,
+            // Measured (EVAL.md): sampled proposals keep plain sampling's variety, top ones lose it.
+            proposal: upb::Proposal::Sample,
             leash: LeashKind::Typical,
             leash_epsilon: 0.02,
             leash_delta: 0.1,

@@ -14,6 +14,12 @@ pub enum RenderArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProposalArg {
+    Top,
+    Sample,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LeashArg {
     Exact,
     Typical,
@@ -45,6 +51,9 @@ pub struct PolicyArgs {
     /// How latent steps reach the text: draft (proposals the model verifies), translate, think.
     #[arg(long, value_enum)]
     pub render: Option<RenderArg>,
+    /// What a latent step proposes to the draft: its most probable token, or a sample.
+    #[arg(long, value_enum)]
+    pub proposal: Option<ProposalArg>,
     /// Draft acceptance: exact (plain sampling's distribution) or typical (the dream pulls).
     #[arg(long, value_enum)]
     pub leash: Option<LeashArg>,
@@ -107,6 +116,12 @@ impl PolicyArgs {
                     RenderArg::Draft => upb::Render::Draft,
                     RenderArg::Translate => upb::Render::Translate,
                     RenderArg::Think => upb::Render::Think,
+                }) as i32
+            }),
+            proposal: self.proposal.map(|p| {
+                (match p {
+                    ProposalArg::Top => upb::Proposal::Top,
+                    ProposalArg::Sample => upb::Proposal::Sample,
                 }) as i32
             }),
             leash,
