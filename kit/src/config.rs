@@ -44,6 +44,9 @@ pub struct ModelServiceFlags {
     pub threads: Option<usize>,
     #[arg(long)]
     pub max_context: Option<usize>,
+    /// Serve Prometheus `GET /metrics` on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    pub metrics: Option<String>,
 }
 
 impl ModelServiceFlags {
@@ -63,19 +66,25 @@ impl ModelServiceFlags {
                 .set("model", self.model.clone())
                 .set("device", self.device.clone())
                 .set("threads", self.threads.map(|x| x as u64))
-                .set("max_context", self.max_context.map(|x| x as u64)),
+                .set("max_context", self.max_context.map(|x| x as u64))
+                .set("metrics", self.metrics.clone()),
         }
     }
 }
 
 /// `listen` must be a socket address; the message shows a valid one.
 pub fn check_listen(listen: &str, example: &str) -> Result<(), ConfigError> {
-    listen
+    check_address("listen", listen, example)
+}
+
+/// The address setting `field` must be a socket address; the message shows a valid one.
+pub fn check_address(field: &str, value: &str, example: &str) -> Result<(), ConfigError> {
+    value
         .parse::<std::net::SocketAddr>()
         .map(|_| ())
         .map_err(|_| {
             ConfigError::Message(format!(
-                "listen = `{listen}` is not an address like {example}"
+                "{field} = `{value}` is not an address like {example}"
             ))
         })
 }

@@ -1,8 +1,9 @@
 //! Serving any of the three services the same way: its routes plus the standard gRPC health
 //! service (reporting it SERVING) and reflection (v1 and v1alpha, listing this port's services
-//! only), on a bound listener, until ctrl-c. Prints `listening on <addr>` on stdout once ready:
-//! scripts and tests wait for it.
+//! only), on a bound listener, until ctrl-c, its requests counted in the service's metrics.
+//! Prints `listening on <addr>` on stdout once ready: scripts and tests wait for it.
 
+use crate::metrics::GrpcRequests;
 use tonic::service::Routes;
 use tonic_reflection::server::Builder;
 
@@ -13,6 +14,7 @@ pub async fn serve(
     listen: &str,
     service_name: &str,
     routes: Routes,
+    requests: GrpcRequests,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -29,6 +31,7 @@ pub async fn serve(
         .add_service(v1alpha);
     println!("listening on {addr}");
     tonic::transport::Server::builder()
+        .layer(requests)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -51,21 +54,44 @@ fn reflection<'a>(service_name: &str, reflection_name: &str) -> Builder<'a> {
         .with_service_name(reflection_name)
 }
 
-/// Waits for a child started with a piped stdout to print its `listening on <addr>` line and
-/// returns `http://<addr>`; an error when it exits or says anything else first.
-pub fn listening_address(child: &mut std::process::Child) -> std::io::Result<String> {
+/// What a service printed on stdout as it started: its gRPC address (`listening on <addr>`,
+/// the last line) and, before it, its HTTP address if it has one (`http on <addr>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announced {
+    pub grpc: String,
+    pub http: Option<String>,
+}
+
+/// Waits for a child started with a piped stdout to announce its addresses (as `http://…`);
+/// an error when it exits or says anything else first.
+pub fn announced(child: &mut std::process::Child) -> std::io::Result<Announced> {
     use std::io::BufRead;
     let stdout = child
         .stdout
         .take()
         .ok_or_else(|| std::io::Error::other("the child's stdout is not piped"))?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    match line.trim().strip_prefix("listening on ") {
-        Some(addr) => Ok(format!("http://{addr}")),
-        None => Err(std::io::Error::other(format!(
-            "expected `listening on <addr>`, got {:?}",
-            line.trim()
-        ))),
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut http = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("http on ") {
+            http = Some(format!("http://{addr}"));
+        } else if let Some(addr) = line.strip_prefix("listening on ") {
+            return Ok(Announced {
+                grpc: format!("http://{addr}"),
+                http,
+            });
+        } else {
+            return Err(std::io::Error::other(format!(
+                "expected `listening on <addr>`, got {line:?}"
+            )));
+        }
     }
+}
+
+/// The gRPC address a child announces (see [`announced`]).
+pub fn listening_address(child: &mut std::process::Child) -> std::io::Result<String> {
+    announced(child).map(|a| a.grpc)
 }

@@ -135,6 +135,7 @@ async fn run(a: Args) -> Result<()> {
                 muse_model: a.muse_model.clone(),
                 majordomo_model: a.majordomo_model.clone(),
                 listen: "127.0.0.1:0".into(),
+                http: "127.0.0.1:0".into(),
                 store: a.out.join("sessions.redb"),
                 threads: a.threads,
                 env: Vec::new(),

@@ -156,6 +156,7 @@ async fn one(
         .create_session(pb::CreateSessionRequest {
             roles: None,
             policy: Some(setting.request(seed)),
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("setting `{}`: {}", setting.name, s.message()))?
@@ -166,6 +167,7 @@ async fn one(
             session_id: session.id.clone(),
             message: prompt.to_string(),
             verbosity: pb::Verbosity::Quiet as i32,
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

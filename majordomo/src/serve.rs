@@ -88,6 +88,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         &cfg.listen,
         "majordomo.v1.Majordomo",
         tonic::service::Routes::new(service.into_server()),
+        mm_kit::metrics::GrpcRequests::register(&mut Default::default()),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))

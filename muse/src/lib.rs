@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod dream;
+pub mod metrics;
 pub mod render;
 pub mod serve;
 pub mod service;

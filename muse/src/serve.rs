@@ -1,5 +1,6 @@
 //! `muse serve`: configuration (file, then `MUSE_*` environment, then flags) and the server.
 
+use crate::metrics::MuseMetrics;
 use crate::service::{Limits, MuseService};
 use mm_kit::config::{self, ConfigError, ModelServiceFlags};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,8 @@ pub struct ServeConfig {
     pub kv_memory_mb: usize,
     /// Commands running model work at once.
     pub compute_slots: usize,
+    /// Address of Prometheus `GET /metrics`; none: no metrics listener.
+    pub metrics: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +41,7 @@ impl Default for ServeConfig {
             max_context: 4096,
             kv_memory_mb: 2048,
             compute_slots: 1,
+            metrics: None,
         }
     }
 }
@@ -77,6 +81,9 @@ impl ServeConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Message(m));
         config::check_listen(&self.listen, "127.0.0.1:50051")?;
+        if let Some(m) = &self.metrics {
+            config::check_address("metrics", m, "127.0.0.1:9101")?;
+        }
         if self.max_sessions == 0 {
             return bad("max_sessions must be at least 1".into());
         }
@@ -114,12 +121,17 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
              you want (e.g. 8) so concurrent sessions' steps share one batched forward"
         );
     }
-    let service = MuseService::new(Arc::new(lm), limits);
+    let metrics = Arc::new(MuseMetrics::default());
+    if let Some(listen) = &cfg.metrics {
+        mm_kit::metrics::serve(listen, metrics.registry.clone()).await?;
+    }
+    let service = MuseService::new(Arc::new(lm), limits, metrics.clone());
     tracing::info!(listen = cfg.listen, model = cfg.model, "muse serving");
     mm_kit::serve::serve(
         &cfg.listen,
         "muse.v1.Muse",
         tonic::service::Routes::new(service.into_server()),
+        metrics.grpc.clone(),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))

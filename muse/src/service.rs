@@ -7,6 +7,7 @@
 
 use crate::convert;
 use crate::dream::DreamParams;
+use crate::metrics::MuseMetrics;
 use crate::session::{DreamSession, PRIMED};
 use lm::LoadedModel;
 use mm_kit::status::status_of;
@@ -44,6 +45,7 @@ struct Shared {
     sessions: Mutex<HashMap<String, Status_>>,
     compute: Arc<Semaphore>,
     next_id: AtomicU64,
+    metrics: Arc<MuseMetrics>,
 }
 
 impl Shared {
@@ -64,7 +66,7 @@ pub struct MuseService {
 }
 
 impl MuseService {
-    pub fn new(lm: Arc<LoadedModel>, limits: Limits) -> Self {
+    pub fn new(lm: Arc<LoadedModel>, limits: Limits, metrics: Arc<MuseMetrics>) -> Self {
         let compute = Arc::new(Semaphore::new(limits.compute_slots.max(1)));
         let shared = Shared {
             lm,
@@ -72,6 +74,7 @@ impl MuseService {
             sessions: Mutex::new(HashMap::new()),
             compute,
             next_id: AtomicU64::new(1),
+            metrics,
         };
         Self {
             shared: Arc::new(shared),
@@ -122,6 +125,7 @@ impl Muse for MuseService {
             }
             let id = format!("s{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
             sessions.insert(id.clone(), Status_::default());
+            shared.metrics.sessions.set(sessions.len() as i64);
             id
         };
         let mut inbound = request.into_inner();
@@ -144,7 +148,10 @@ impl Muse for MuseService {
             )));
             run_session(&shared, &id, cmd_rx, &out_tx, &runtime);
             // Frees the KV cache (dropped with the session) and the slot.
-            shared.sessions.lock().expect("sessions lock").remove(&id);
+            let mut sessions = shared.sessions.lock().expect("sessions lock");
+            sessions.remove(&id);
+            shared.metrics.sessions.set(sessions.len() as i64);
+            drop(sessions);
             tracing::debug!(session = id, "session ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -264,7 +271,7 @@ fn execute(
         let others = shared.kv_in_use_except(id);
         if others + needed > shared.limits.kv_memory_bytes {
             return Err(Status::resource_exhausted(format!(
-                "KV memory bound reached ({} of {} bytes in use): close idle sessions or raise kv_memory_bytes",
+                "KV memory bound reached ({} of {} bytes in use): close idle sessions or raise kv_memory_mb",
                 others + session.cache().memory_bytes(),
                 shared.limits.kv_memory_bytes
             )));
@@ -277,6 +284,7 @@ fn execute(
             let estimate = convert::prime_len_hint(&prime);
             check_memory(&DreamSession::new(session.model()), estimate)?;
             let n = session.prime(&prime).map_err(|e| status_of(&e))?;
+            shared.metrics.primed(n);
             Ok(E::Primed(pb::Primed {
                 prompt_tokens: n as u32,
                 position: session.len() as u32,
@@ -290,6 +298,7 @@ fn execute(
                     send(E::LatentStep(convert::latent_step(step)))
                 })
                 .map_err(|e| status_of(&e))?;
+            shared.metrics.burst(&summary);
             Ok(E::BurstDone(pb::BurstDone {
                 steps: summary.steps as u32,
                 stop: pb::BurstStop::from(summary.stop) as i32,
@@ -308,6 +317,7 @@ fn execute(
                     }));
                 })
                 .map_err(|e| status_of(&e))?;
+            shared.metrics.commit(&summary);
             Ok(E::CommitDone(pb::CommitDone {
                 tokens: summary.tokens,
                 text: summary.text,

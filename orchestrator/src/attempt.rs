@@ -30,6 +30,8 @@ pub struct Plan<'a> {
     pub seed: u64,
     /// No dream: the schedule is off, or this is the plain last resort.
     pub plain: bool,
+    /// Stop strings: every commit ends before the first (the muse does not include it).
+    pub stop: &'a [String],
 }
 
 /// One muse session stream and what the attempt has made so far.
@@ -140,6 +142,15 @@ pub async fn run(
     }
     let _ = r.session.run(C::Close(upb::Close {})).await;
     let mut attempt = r.attempt;
+    // A stop string split across two commits is not seen by the muse: cut it here.
+    if let Some(cut) = plan
+        .stop
+        .iter()
+        .filter_map(|s| attempt.draft.find(s.as_str()))
+        .min()
+    {
+        attempt.draft.truncate(cut);
+    }
     attempt.draft = attempt.draft.trim().to_string();
     Ok(attempt)
 }
@@ -242,6 +253,7 @@ impl Run<'_, '_> {
             framing: p.framing as i32,
             end_at_word,
             fork_entropy,
+            stop: self.plan.stop.to_vec(),
             ..Default::default()
         };
         let t_commit = Instant::now();
@@ -273,6 +285,7 @@ impl Run<'_, '_> {
         }
         self.attempt.commit_millis += t_commit.elapsed().as_secs_f64() * 1e3;
         self.attempt.draft.push_str(&c.text);
+        self.attempt.reply_tokens += c.tokens.len() as u32;
         Ok(c)
     }
 }

@@ -41,6 +41,7 @@ async fn one_turn(
         session_id: id.clone(),
         message: msg,
         verbosity: pb::Verbosity::Sampled as i32,
+        ..Default::default()
     };
     let mut stream = c.turn(req).await?.into_inner();
     let mut reply = None;
@@ -105,6 +106,7 @@ pub async fn run(
                 .create_session(pb::CreateSessionRequest {
                     roles: None,
                     policy: Some(policy()),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 pub struct Config {
     /// Address of the orchestrator's own API; port 0 picks a free port.
     pub listen: String,
+    /// Address of the HTTP API (OpenAI-compatible chat completions, `/metrics`).
+    pub http: String,
     /// The session store (a redb file).
     pub store: PathBuf,
     /// Muse replicas, e.g. `http://127.0.0.1:50051`.
@@ -38,6 +40,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50050".into(),
+            http: "127.0.0.1:50080".into(),
             store: "mm-data/sessions.redb".into(),
             muse: vec!["http://127.0.0.1:50051".into()],
             majordomo: vec!["http://127.0.0.1:50052".into()],
@@ -59,6 +62,9 @@ pub struct Flags {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub listen: Option<String>,
+    /// The HTTP API's address (OpenAI-compatible `/v1`, `/metrics`).
+    #[arg(long)]
+    pub http: Option<String>,
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// A muse replica's address (repeatable).
@@ -84,6 +90,7 @@ impl Config {
             env,
             overrides: Overrides::default()
                 .set("listen", flags.listen.clone())
+                .set("http", flags.http.clone())
                 .set(
                     "store",
                     flags.store.as_ref().map(|p| p.display().to_string()),
@@ -99,12 +106,8 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Message(m));
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(format!(
-                "listen = `{}` is not an address like 127.0.0.1:50050",
-                self.listen
-            ));
-        }
+        config::check_listen(&self.listen, "127.0.0.1:50050")?;
+        config::check_address("http", &self.http, "127.0.0.1:50080")?;
         if self.muse.is_empty() || self.majordomo.is_empty() {
             return bad(
                 "configure at least one muse and one majordomo replica (--muse, --majordomo)"

@@ -56,6 +56,7 @@ where
             Err(e) if replica_failed(&e) => {
                 tracing::warn!(replica = endpoint, error = %e, "{} replica failed; failing over", pool.role.name());
                 lease.replica.mark_down();
+                ctx.metrics.failover();
                 tried.push(endpoint.clone());
                 ctx.emit(pb::turn_event::Event::Failover(pb::Failover {
                     from_replica: endpoint,

@@ -24,11 +24,22 @@ pub fn window(session: &pb::Session, user: &str, history_chars: usize) -> Vec<up
     };
     let turns = &session.turns[first_in_window(session, history_chars)..];
     let mut out = Vec::new();
-    if !session.summary.is_empty() {
-        out.push(msg(
-            "system",
-            &format!("Summary of the conversation so far: {}", session.summary),
-        ));
+    // One system message: chat templates differ on several.
+    let system = match (session.system.is_empty(), session.summary.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => session.system.clone(),
+        (empty, false) => format!(
+            "{}Summary of the conversation so far: {}",
+            if empty {
+                String::new()
+            } else {
+                format!("{}\n\n", session.system)
+            },
+            session.summary
+        ),
+    };
+    if !system.is_empty() {
+        out.push(msg("system", &system));
     }
     for t in turns.iter().filter(|t| !flagged(t)) {
         out.push(msg("user", &t.user));
@@ -137,5 +148,12 @@ mod tests {
         assert!(w[0].content.contains("earlier"));
         let fresh = window(&pb::Session::default(), "hi", 20);
         assert_eq!(fresh.len(), 1);
+        let instructed = pb::Session {
+            system: "Answer in French.".into(),
+            ..s
+        };
+        let w = window(&instructed, "four", 20);
+        assert_eq!(w.iter().filter(|m| m.role == "system").count(), 1);
+        assert!(w[0].content.starts_with("Answer in French.\n\nSummary"));
     }
 }

@@ -11,8 +11,9 @@ pub struct Launch {
     /// Muse model (alias, hf:..., or path).
     pub muse_model: String,
     pub majordomo_model: String,
-    /// The orchestrator's address (the model services get free ports).
+    /// The orchestrator's gRPC and HTTP addresses (the model services get free ports).
     pub listen: String,
+    pub http: String,
     /// The session store.
     pub store: PathBuf,
     /// CPU threads per model service.
@@ -26,6 +27,8 @@ pub struct Services {
     pub muse: String,
     pub majordomo: String,
     pub orchestrator: String,
+    /// The orchestrator's HTTP API (`http://…`).
+    pub http: String,
 }
 
 impl Drop for Services {
@@ -37,9 +40,13 @@ impl Drop for Services {
     }
 }
 
-/// Starts `bin args…` (with `env` added), waits for its `listening on ADDR` line, returns the
-/// child and `http://ADDR`.
-fn spawn(bin: &str, args: &[String], env: &[(String, String)]) -> Result<(Child, String)> {
+/// Starts `bin args…` (with `env` added), waits for it to announce its addresses, returns the
+/// child and them.
+fn spawn(
+    bin: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<(Child, mm_kit::serve::Announced)> {
     let dir = std::env::current_exe()?
         .parent()
         .map(|p| p.to_path_buf())
@@ -58,7 +65,7 @@ fn spawn(bin: &str, args: &[String], env: &[(String, String)]) -> Result<(Child,
                 path.display()
             )
         })?;
-    match mm_kit::serve::listening_address(&mut child) {
+    match mm_kit::serve::announced(&mut child) {
         Ok(addr) => Ok((child, addr)),
         Err(_) => {
             let status = child.wait()?;
@@ -93,11 +100,13 @@ impl Services {
             move || spawn("muse", &a, &[])
         })
         .await??;
+        let muse = muse.grpc;
         let mut s = Services {
             children: vec![mc],
             muse,
             majordomo: String::new(),
             orchestrator: String::new(),
+            http: String::new(),
         };
         let (dc, majordomo) = tokio::task::spawn_blocking({
             let a = args(&a.majordomo_model);
@@ -105,11 +114,13 @@ impl Services {
         })
         .await??;
         s.children.push(dc);
-        s.majordomo = majordomo;
+        s.majordomo = majordomo.grpc;
         let orch_args = vec![
             "serve".into(),
             "--listen".into(),
             a.listen.clone(),
+            "--http".into(),
+            a.http.clone(),
             "--store".into(),
             a.store.display().to_string(),
             "--muse".into(),
@@ -121,7 +132,8 @@ impl Services {
         let (oc, orchestrator) =
             tokio::task::spawn_blocking(move || spawn("mm", &orch_args, &env)).await??;
         s.children.push(oc);
-        s.orchestrator = orchestrator;
+        s.orchestrator = orchestrator.grpc;
+        s.http = orchestrator.http.unwrap_or_default();
         Ok(s)
     }
 }

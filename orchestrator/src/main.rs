@@ -4,13 +4,12 @@
 //! (the `mm-eval` binary beside this one).
 
 mod policy_args;
-mod render;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mm_proto::orchestrator::v1 as pb;
 use orchestrator::config::{Config, Flags};
-use orchestrator::local;
+use orchestrator::{local, render};
 use pb::orchestrator_client::OrchestratorClient;
 use policy_args::PolicyArgs;
 use std::io::{BufRead, Write};
@@ -73,6 +72,9 @@ pub struct UpArgs {
     /// Orchestrator address (the services get free ports).
     #[arg(long, default_value = "127.0.0.1:50050")]
     pub listen: String,
+    /// The orchestrator's HTTP API (OpenAI-compatible `/v1`, `/metrics`).
+    #[arg(long, default_value = "127.0.0.1:50080")]
+    pub http: String,
     /// The session store.
     #[arg(long, default_value = "mm-data/sessions.redb")]
     pub store: std::path::PathBuf,
@@ -82,11 +84,13 @@ pub struct UpArgs {
 }
 
 impl UpArgs {
-    fn launch(&self, listen: &str) -> local::Launch {
+    /// What to start: these settings with the orchestrator on `listen` and `http`.
+    fn launch(&self, listen: &str, http: &str) -> local::Launch {
         local::Launch {
             muse_model: self.muse_model.clone(),
             majordomo_model: self.majordomo_model.clone(),
             listen: listen.to_string(),
+            http: http.to_string(),
             store: self.store.clone(),
             threads: self.threads,
             env: Vec::new(),
@@ -143,7 +147,8 @@ async fn connect(c: &ClientArgs) -> Result<(OrchestratorClient<Channel>, Option<
     let (addr, guard) = match &c.orchestrator {
         Some(a) => (a.clone(), None),
         None => {
-            let services = local::Services::start(&c.up.launch("127.0.0.1:0")).await?;
+            let services =
+                local::Services::start(&c.up.launch("127.0.0.1:0", "127.0.0.1:0")).await?;
             (services.orchestrator.clone(), Some(services))
         }
     };
@@ -164,6 +169,7 @@ async fn run_turn(
         session_id: session.into(),
         message: message.into(),
         verbosity: v as i32,
+        ..Default::default()
     };
     let mut stream = client
         .turn(req)
@@ -197,6 +203,7 @@ async fn cmd_run(a: RunArgs) -> Result<()> {
         .create_session(pb::CreateSessionRequest {
             roles: None,
             policy: Some(a.policy.to_pb()),
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -240,6 +247,7 @@ async fn cmd_chat(a: ChatArgs) -> Result<()> {
                 .create_session(pb::CreateSessionRequest {
                     roles: None,
                     policy: Some(a.policy.to_pb()),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -298,10 +306,10 @@ async fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 async fn cmd_up(a: UpArgs) -> Result<()> {
-    let services = local::Services::start(&a.launch(&a.listen)).await?;
+    let services = local::Services::start(&a.launch(&a.listen, &a.http)).await?;
     eprintln!(
-        "orchestrator at {} (muse {}, majordomo {}); ctrl-c to stop",
-        services.orchestrator, services.muse, services.majordomo
+        "orchestrator at {} (muse {}, majordomo {}); OpenAI-compatible API at {}/v1, metrics at {}/metrics; ctrl-c to stop",
+        services.orchestrator, services.muse, services.majordomo, services.http, services.http
     );
     println!("{}", services.orchestrator);
     tokio::signal::ctrl_c().await?;

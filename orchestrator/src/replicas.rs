@@ -4,6 +4,7 @@
 
 use mm_proto::majordomo::v1 as mpb;
 use mm_proto::muse::v1 as upb;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,10 +95,17 @@ impl Drop for Lease {
 pub struct Pool {
     pub role: Role,
     pub replicas: Vec<Arc<Replica>>,
+    /// Calls waiting for a slot (a metric).
+    waiting: Gauge,
 }
 
 impl Pool {
-    pub fn new(role: Role, endpoints: &[String], per_replica: usize) -> anyhow::Result<Self> {
+    pub fn new(
+        role: Role,
+        endpoints: &[String],
+        per_replica: usize,
+        waiting: Gauge,
+    ) -> anyhow::Result<Self> {
         let replicas = endpoints
             .iter()
             .map(|e| {
@@ -116,7 +124,11 @@ impl Pool {
                 }))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self { role, replicas })
+        Ok(Self {
+            role,
+            replicas,
+            waiting,
+        })
     }
 
     /// Checks every replica once, one after the other (a down one costs `timeout`).
@@ -161,7 +173,10 @@ impl Pool {
             .min_by_key(|r| r.in_flight.load(Ordering::Relaxed))?
             .clone();
         candidate.in_flight.fetch_add(1, Ordering::Relaxed);
-        let permit = match candidate.slots.clone().acquire_owned().await {
+        self.waiting.inc();
+        let permit = candidate.slots.clone().acquire_owned().await;
+        self.waiting.dec();
+        let permit = match permit {
             Ok(p) => p,
             Err(_) => {
                 candidate.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::history;
+use crate::metrics::Metrics;
 use crate::policy::TurnPolicy;
 use crate::replicas::{Pool, Role};
 use crate::store::Store;
@@ -20,6 +21,7 @@ pub struct Shared {
     pub store: Store,
     pub muse: Pool,
     pub majordomo: Pool,
+    pub metrics: Metrics,
     turns: Arc<Semaphore>,
     /// Sessions with a turn in progress: one turn per session at a time.
     busy: Mutex<HashSet<String>>,
@@ -38,14 +40,26 @@ fn store_err(e: crate::store::StoreError) -> Status {
 impl OrchestratorService {
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
         let store = Store::open(&cfg.store)?;
-        let muse = Pool::new(Role::Muse, &cfg.muse, cfg.per_replica)?;
-        let majordomo = Pool::new(Role::Majordomo, &cfg.majordomo, cfg.per_replica)?;
+        let metrics = Metrics::default();
+        let muse = Pool::new(
+            Role::Muse,
+            &cfg.muse,
+            cfg.per_replica,
+            metrics.queue(Role::Muse),
+        )?;
+        let majordomo = Pool::new(
+            Role::Majordomo,
+            &cfg.majordomo,
+            cfg.per_replica,
+            metrics.queue(Role::Majordomo),
+        )?;
         let turns = Arc::new(Semaphore::new(cfg.max_turns));
         let shared = Shared {
             cfg,
             store,
             muse,
             majordomo,
+            metrics,
             turns,
             busy: Mutex::new(HashSet::new()),
             next_id: 0.into(),
@@ -79,7 +93,7 @@ impl OrchestratorService {
         pb::orchestrator_server::OrchestratorServer::new(self)
     }
 
-    fn load(&self, id: &str) -> Result<pb::Session, Status> {
+    pub(crate) fn load(&self, id: &str) -> Result<pb::Session, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("session_id is empty"));
         }
@@ -146,10 +160,44 @@ impl OrchestratorService {
     }
 
     /// The policy a request asks for, completed with the configured defaults.
-    fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<TurnPolicy, Status> {
+    pub(crate) fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<TurnPolicy, Status> {
         TurnPolicy::resolve(&p.unwrap_or_default(), &self.shared.cfg.policy)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
+}
+
+/// Exchanges a new session may bring along.
+const MAX_HISTORY: usize = 256;
+/// Stop strings a turn may have (as OpenAI's API allows), and characters of each.
+const MAX_STOPS: usize = 4;
+const MAX_STOP_CHARS: usize = 64;
+
+/// `field` holds at most `max` characters.
+fn within(field: &str, text: &str, max: usize) -> Result<(), Status> {
+    if text.chars().count() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {max} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn stop_strings(stop: Vec<String>) -> Result<Vec<String>, Status> {
+    if stop.len() > MAX_STOPS {
+        return Err(Status::invalid_argument(format!(
+            "stop has {} strings; at most {MAX_STOPS}",
+            stop.len()
+        )));
+    }
+    if stop
+        .iter()
+        .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+    {
+        return Err(Status::invalid_argument(format!(
+            "each stop string needs 1 to {MAX_STOP_CHARS} characters"
+        )));
+    }
+    Ok(stop)
 }
 
 fn without_turns(mut s: pb::Session) -> pb::Session {
@@ -169,6 +217,33 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let r = request.into_inner();
         let roles = self.resolve_roles(r.roles, None)?;
         let policy = self.policy(r.policy)?;
+        let max = self.shared.cfg.max_message_chars;
+        within("system", &r.system, max)?;
+        if r.history.len() > MAX_HISTORY {
+            return Err(Status::invalid_argument(format!(
+                "history has {} exchanges; at most {MAX_HISTORY}: send the latest",
+                r.history.len()
+            )));
+        }
+        for (i, x) in r.history.iter().enumerate() {
+            within(&format!("history[{i}].user"), &x.user, max)?;
+            within(&format!("history[{i}].reply"), &x.reply, max)?;
+        }
+        let created = turn::now_ms();
+        // Earlier exchanges become turns without attempts: the window primes the muse with them.
+        let turns = r
+            .history
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| pb::Turn {
+                index: i as u32,
+                user: x.user,
+                reply: x.reply,
+                roles: Some(roles.clone()),
+                created_unix_ms: created,
+                ..Default::default()
+            })
+            .collect();
         let n = self
             .shared
             .next_id
@@ -178,7 +253,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             id,
             roles: Some(roles),
             policy: Some(policy.to_pb()),
-            created_unix_ms: turn::now_ms(),
+            created_unix_ms: created,
+            system: r.system,
+            turns,
             ..Default::default()
         };
         self.shared.store.put(&s).map_err(store_err)?;
@@ -250,15 +327,13 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 "message is empty: say something to the muse",
             ));
         }
-        let max = self.shared.cfg.max_message_chars;
-        if message.chars().count() > max {
-            return Err(Status::invalid_argument(format!(
-                "message is longer than {max} characters"
-            )));
-        }
+        within("message", &message, self.shared.cfg.max_message_chars)?;
+        let stop = stop_strings(r.stop)?;
         let session = self.load(&r.session_id)?;
         // Sessions store their policy resolved; older ones lack the newer fields (defaults).
-        let policy = self.policy(session.policy)?;
+        let session_policy = self.policy(session.policy.clone())?;
+        let policy = TurnPolicy::resolve(&r.policy.unwrap_or_default(), &session_policy)
+            .map_err(|e| Status::invalid_argument(format!("policy: {e}")))?;
         let permit = self.shared.turns.clone().try_acquire_owned().map_err(|_| {
             let mut s = Status::resource_exhausted(format!(
                 "{} turns are running (max_turns): retry in a few seconds",
@@ -268,17 +343,15 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 .insert("retry-after-ms", "2000".parse().expect("ascii"));
             s
         })?;
-        if !self
-            .shared
-            .busy
-            .lock()
-            .expect("busy lock")
-            .insert(session.id.clone())
         {
-            return Err(Status::failed_precondition(format!(
-                "session `{}` already has a turn in progress",
-                session.id
-            )));
+            let mut busy = self.shared.busy.lock().expect("busy lock");
+            if !busy.insert(session.id.clone()) {
+                return Err(Status::failed_precondition(format!(
+                    "session `{}` already has a turn in progress",
+                    session.id
+                )));
+            }
+            self.shared.metrics.active_sessions.set(busy.len() as i64);
         }
         let verbosity = pb::Verbosity::try_from(r.verbosity).unwrap_or(pb::Verbosity::Sampled);
         let (tx, rx) = mpsc::channel(256);
@@ -287,6 +360,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             let _permit = permit;
             let id = session.id.clone();
             let ctx = TurnContext {
+                metrics: &shared.metrics,
                 muse: &shared.muse,
                 majordomo: &shared.majordomo,
                 call_timeout: Duration::from_secs(shared.cfg.call_timeout_s),
@@ -302,7 +376,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 session.summary = summary.clone();
                 session.summarized_turns = *through;
             }
-            let result = turn::run(&ctx, &session, &policy, &message).await;
+            let result = turn::run(&ctx, &session, &policy, &message, &stop).await;
             let outcome = match result {
                 Ok(turn) => {
                     // Re-read: SetRoles may have changed the session meanwhile; the turn is appended.
@@ -318,10 +392,17 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             })
                         })
                         .and_then(|mut s| {
+                            let (prompt_tokens, reply_tokens) = turn
+                                .attempts
+                                .get(turn.chosen_attempt.saturating_sub(1) as usize)
+                                .map(|a| (a.prompt_tokens, a.reply_tokens))
+                                .unwrap_or_default();
                             let mut reply = pb::Reply {
                                 turn: turn.index,
                                 text: turn.reply.clone(),
                                 attempt: turn.chosen_attempt,
+                                prompt_tokens,
+                                reply_tokens,
                                 ..Default::default()
                             };
                             s.turns.push(turn);
@@ -333,6 +414,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             shared.store.put(&s).map_err(store_err)?;
                             reply.persist_millis = t_persist.elapsed().as_secs_f64() * 1e3;
                             reply.total_millis = t_turn.elapsed().as_secs_f64() * 1e3;
+                            if let Some(turn) = s.turns.last() {
+                                shared.metrics.turn(turn, reply.total_millis / 1e3);
+                            }
                             Ok(reply)
                         });
                     persisted.map(|reply| pb::TurnEvent {
@@ -341,10 +425,15 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 }
                 Err(e) => Err(e),
             };
-            shared.busy.lock().expect("busy lock").remove(&id);
+            {
+                let mut busy = shared.busy.lock().expect("busy lock");
+                busy.remove(&id);
+                shared.metrics.active_sessions.set(busy.len() as i64);
+            }
             let last = match outcome {
                 Ok(ev) => Ok(ev),
                 Err(e) => {
+                    shared.metrics.turn_failed();
                     tracing::warn!(session = id, error = %e, "turn failed");
                     Ok(pb::TurnEvent {
                         event: Some(pb::turn_event::Event::Error(pb::TurnError {
@@ -360,16 +449,23 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
     }
 }
 
-/// Serves the orchestrator until ctrl-c. Prints `listening on <addr>` on stdout once ready.
+/// Serves the orchestrator's gRPC and HTTP APIs until ctrl-c. Prints `http on <addr>`, then
+/// `listening on <addr>` (gRPC) on stdout once ready.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let listen = cfg.listen.clone();
+    let (listen, http) = (cfg.listen.clone(), cfg.http.clone());
     let service = OrchestratorService::new(cfg)?;
     service.start_health_checks().await;
-    tracing::info!(listen, "orchestrator serving");
+    let http = crate::http::serve(&http, service.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("the HTTP API cannot listen on {http}: {e}"))?;
+    println!("http on {http}");
+    tracing::info!(listen, %http, "orchestrator serving");
+    let requests = service.shared().metrics.grpc.clone();
     mm_kit::serve::serve(
         &listen,
         "orchestrator.v1.Orchestrator",
         tonic::service::Routes::new(service.into_server()),
+        requests,
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))

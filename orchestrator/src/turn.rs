@@ -9,6 +9,7 @@ use crate::attempt::{self, Plan};
 use crate::critic::{Critic, Rank};
 use crate::failover::with_failover;
 use crate::history;
+use crate::metrics::Metrics;
 use crate::policy::{fresh_seed, revise, Knobs, TurnPolicy};
 use crate::replicas::Pool;
 use mm_proto::majordomo::v1 as mpb;
@@ -20,6 +21,7 @@ use tonic::Status;
 
 /// What a turn needs besides the session.
 pub struct TurnContext<'a> {
+    pub metrics: &'a Metrics,
     pub muse: &'a Pool,
     pub majordomo: &'a Pool,
     pub call_timeout: Duration,
@@ -39,11 +41,13 @@ impl TurnContext<'_> {
 }
 
 /// Runs one turn on `session` under `policy` and returns the finished turn (not yet persisted).
+/// The reply ends before the first of the `stop` strings.
 pub async fn run(
     ctx: &TurnContext<'_>,
     session: &pb::Session,
     policy: &TurnPolicy,
     user: &str,
+    stop: &[String],
 ) -> Result<pb::Turn, Status> {
     let roles = session.roles.clone().unwrap_or_default();
     let index = session.turns.len() as u32;
@@ -74,6 +78,7 @@ pub async fn run(
             knobs,
             seed,
             plain,
+            stop,
         };
         let segments = policy.critique_each_segment.then_some(&critic);
         let t_queue = Instant::now();

@@ -13,6 +13,8 @@ use tonic::transport::Channel;
 struct Proc {
     child: Child,
     addr: String,
+    /// The orchestrator's HTTP API.
+    http: Option<String>,
 }
 
 impl Drop for Proc {
@@ -39,9 +41,12 @@ fn spawn_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let addr =
-        mm_kit::serve::listening_address(&mut child).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Proc { child, addr }
+    let a = mm_kit::serve::announced(&mut child).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Proc {
+        child,
+        addr: a.grpc,
+        http: a.http,
+    }
 }
 
 fn muse(model: &str) -> Proc {
@@ -85,6 +90,8 @@ fn orchestrator_env(store: &Path, muses: &[&Proc], md: &Proc, env: &[(&str, &str
         "serve".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
         "--store".into(),
         store.display().to_string(),
     ];
@@ -118,6 +125,7 @@ async fn session(c: &mut OrchestratorClient<Channel>, muse_model: &str) -> pb::S
     c.create_session(pb::CreateSessionRequest {
         roles: Some(roles),
         policy: Some(quick()),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -135,6 +143,7 @@ async fn turn(
         session_id: id.into(),
         message: msg.into(),
         verbosity: pb::Verbosity::Full as i32,
+        ..Default::default()
     };
     let mut stream = c
         .turn(req)
@@ -333,6 +342,7 @@ async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
                 max_attempts: Some(1),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -403,6 +413,7 @@ async fn sixteen_concurrent_sessions_complete_with_no_lost_turn() {
             c.create_session(pb::CreateSessionRequest {
                 roles: None,
                 policy: Some(p),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -454,6 +465,7 @@ async fn first_reply(
         .create_session(pb::CreateSessionRequest {
             roles: None,
             policy: Some(policy),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -643,6 +655,7 @@ async fn documented_environment_configuration_and_reflection_work() {
                 noise: Some(0.0),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -681,4 +694,103 @@ async fn documented_environment_configuration_and_reflection_work() {
             );
         }
     }
+}
+
+/// The Python with the test peers: `MM_PYTHON`, else the one `deploy/python-env.sh` prepares.
+fn python() -> String {
+    if let Ok(p) = std::env::var("MM_PYTHON") {
+        return p;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/python-env.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running deploy/python-env.sh");
+    assert!(out.status.success(), "deploy/python-env.sh failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Plain HTTP GET of `url`'s body (enough for `/metrics`).
+async fn get(url: &str) -> String {
+    let url = url.strip_prefix("http://").unwrap();
+    let (host, path) = url.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_completes_streams_and_continues_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let m = spawn(
+        "muse",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let md = majordomo();
+    let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
+    let http = orch
+        .http
+        .clone()
+        .expect("the orchestrator announces its HTTP API");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .arg(&http)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "openai_client.py: {stdout}");
+    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+
+    // What the client saw is what the store holds: one session, its instructions, two turns.
+    let mut c = client(&orch).await;
+    let s = c
+        .get_session(pb::GetSessionRequest {
+            session_id: found["session"].as_str().unwrap().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.system, "You are a poet.");
+    assert_eq!(s.turns.len(), 2);
+    assert_eq!(s.turns[0].user, "Write one line about the sea.");
+    assert_eq!(s.turns[1].reply, found["second"]["text"].as_str().unwrap());
+    assert_eq!(
+        found["errors"].as_array().map(|e| e.len()),
+        Some(2),
+        "{found}"
+    );
+
+    // The muse counted its dreaming.
+    let text = get(&format!("http://{metrics}/metrics")).await;
+    let steps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("muse_latent_steps_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("muse_latent_steps_total in\n{text}"));
+    assert!(steps > 0.0, "{text}");
+    assert!(
+        text.contains(r#"muse_grpc_requests_total{method="/muse.v1.Muse/Session",code="Ok"}"#),
+        "{text}"
+    );
 }

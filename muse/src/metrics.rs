@@ -1,0 +1,92 @@
+//! What a muse replica counts for Prometheus (`muse serve --metrics ADDR`): its dreaming
+//! (latent steps, bursts by why they stopped), its committed tokens and their time (their
+//! ratio is tokens per second), prompt tokens, open sessions, and its gRPC requests.
+
+use crate::telemetry::{BurstSummary, CommitSummary};
+use mm_kit::metrics::GrpcRequests;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StopLabel {
+    stop: String,
+}
+
+pub struct MuseMetrics {
+    pub registry: Arc<Registry>,
+    pub grpc: GrpcRequests,
+    latent_steps: Counter,
+    bursts: Family<StopLabel, Counter>,
+    committed_tokens: Counter,
+    commit_seconds: Histogram,
+    prompt_tokens: Counter,
+    pub sessions: Gauge,
+}
+
+impl Default for MuseMetrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("muse");
+        let grpc = GrpcRequests::register(&mut r);
+        let latent_steps = Counter::default();
+        r.register(
+            "latent_steps",
+            "Latent (dream) steps run",
+            latent_steps.clone(),
+        );
+        let bursts = Family::<StopLabel, Counter>::default();
+        r.register("bursts", "Dream bursts by why they stopped", bursts.clone());
+        let committed_tokens = Counter::default();
+        r.register(
+            "committed_tokens",
+            "Tokens committed to text (rate over commit_seconds_sum: tokens per second)",
+            committed_tokens.clone(),
+        );
+        let commit_seconds = mm_kit::metrics::seconds();
+        r.register(
+            "commit_seconds",
+            "Latency of one commit",
+            commit_seconds.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens primed",
+            prompt_tokens.clone(),
+        );
+        let sessions = Gauge::default();
+        r.register("sessions", "Dreaming sessions open", sessions.clone());
+        Self {
+            registry: Arc::new(r),
+            grpc,
+            latent_steps,
+            bursts,
+            committed_tokens,
+            commit_seconds,
+            prompt_tokens,
+            sessions,
+        }
+    }
+}
+
+impl MuseMetrics {
+    pub fn primed(&self, tokens: usize) {
+        self.prompt_tokens.inc_by(tokens as u64);
+    }
+
+    pub fn burst(&self, b: &BurstSummary) {
+        self.latent_steps.inc_by(b.steps as u64);
+        self.bursts
+            .get_or_create(&StopLabel {
+                stop: b.stop.as_str().into(),
+            })
+            .inc();
+    }
+
+    pub fn commit(&self, c: &CommitSummary) {
+        self.committed_tokens.inc_by(c.tokens.len() as u64);
+        self.commit_seconds.observe(c.millis / 1e3);
+    }
+}

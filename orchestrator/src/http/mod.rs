@@ -1,0 +1,60 @@
+//! The orchestrator's HTTP API (default `127.0.0.1:50080`, `--http`, `MM_HTTP`): OpenAI's chat
+//! completions over the dreaming pipeline ([`chat`], in [`openai`]'s wire format) and
+//! Prometheus `GET /metrics`. It calls the gRPC service's methods in-process, so both APIs
+//! share one validation, one store and one turn pipeline.
+//!
+//! Authentication is not built yet: any `Authorization` header is accepted and ignored.
+
+pub mod chat;
+pub mod openai;
+
+use crate::service::OrchestratorService;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+/// Largest request body (a chat with its history).
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Counts each request by route and status.
+async fn count(
+    State(svc): State<OrchestratorService>,
+    path: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = path.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(req).await;
+    svc.shared()
+        .metrics
+        .http(&route, response.status().as_u16());
+    response
+}
+
+pub fn router(svc: OrchestratorService) -> Router {
+    let registry = svc.shared().metrics.registry.clone();
+    Router::new()
+        .route("/v1/models", get(chat::models))
+        .route("/v1/chat/completions", post(chat::completions))
+        .with_state(svc.clone())
+        .merge(mm_kit::metrics::router(registry))
+        .route_layer(middleware::from_fn_with_state(svc, count))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// Binds `listen` and serves the HTTP API in the background; returns the bound address.
+pub async fn serve(
+    listen: &str,
+    svc: OrchestratorService,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(svc)).await {
+            tracing::error!(error = %e, "the HTTP API stopped");
+        }
+    });
+    Ok(addr)
+}
