@@ -174,7 +174,13 @@ impl Run<'_, '_> {
                 threshold: p.cold_threshold,
                 patience: p.cold_patience,
             }),
-            telemetry: upb::TelemetryLevel::Basic as i32,
+            // The nearest token costs a vocabulary-sized product per step: only when every
+            // step is reported.
+            telemetry: if self.every == 1 {
+                upb::TelemetryLevel::Full
+            } else {
+                upb::TelemetryLevel::Basic
+            } as i32,
             ..Default::default()
         };
         let (number, every) = (self.plan.number, self.every);
@@ -200,6 +206,8 @@ impl Run<'_, '_> {
                                 })
                                 .collect(),
                             norm: l.norm,
+                            nearest: l.nearest.clone(),
+                            kl_prev: l.kl_prev,
                         });
                     }
                 }
@@ -215,7 +223,7 @@ impl Run<'_, '_> {
                 "the muse answered a burst without BurstDone",
             ));
         };
-        self.attempt.bursts.push(pb::Burst {
+        let summary = pb::Burst {
             steps: done.steps,
             stop: done.stop,
             mean_entropy: done.mean_entropy,
@@ -223,7 +231,15 @@ impl Run<'_, '_> {
             wall_millis: t_burst.elapsed().as_secs_f64() * 1e3,
             fork_entropy,
             ..Default::default()
-        });
+        };
+        self.ctx
+            .emit(TE::BurstEnded(pb::BurstEnded {
+                attempt: number,
+                burst: b,
+                summary: Some(summary.clone()),
+            }))
+            .await?;
+        self.attempt.bursts.push(summary);
         Ok(())
     }
 

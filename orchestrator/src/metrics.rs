@@ -4,9 +4,9 @@
 //! critiques and commits, committed tokens (over commit seconds: tokens per second), and
 //! requests by gRPC code and HTTP status.
 
+use crate::render;
 use crate::replicas::Role;
 use mm_kit::metrics::GrpcRequests;
-use mm_proto::muse::v1 as upb;
 use mm_proto::orchestrator::v1 as pb;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::histogram::Histogram;
@@ -147,20 +147,16 @@ impl Metrics {
         self.turn_seconds.observe(seconds);
         for a in &turn.attempts {
             self.attempts.inc();
-            let verdict = pb::Verdict::try_from(a.verdict).unwrap_or_default();
-            let verdict = verdict.as_str_name().trim_start_matches("VERDICT_");
             self.verdicts
-                .get_or_create(&label("verdict", &verdict.to_lowercase()))
+                .get_or_create(&label("verdict", render::verdict(a.verdict())))
                 .inc();
             self.critique_seconds.observe(a.critique_millis / 1e3);
             self.commit_seconds.observe(a.commit_millis / 1e3);
             self.committed_tokens.inc_by(a.reply_tokens as u64);
             for b in &a.bursts {
                 self.latent_steps.inc_by(b.steps as u64);
-                let stop = upb::BurstStop::try_from(b.stop).unwrap_or_default();
-                let stop = stop.as_str_name().trim_start_matches("BURST_STOP_");
                 self.bursts
-                    .get_or_create(&label("stop", &stop.to_lowercase()))
+                    .get_or_create(&label("stop", &render::burst_stop(b.stop)))
                     .inc();
             }
         }
@@ -183,6 +179,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mm_proto::muse::v1 as upb;
 
     #[test]
     fn a_turn_counts_its_attempts_verdicts_steps_and_bursts() {

@@ -60,6 +60,15 @@ pub fn compact(e: &E) -> String {
             "  failover: {} → {} ({})\n",
             f.from_replica, f.to_replica, f.reason
         ),
+        E::BurstEnded(b) => {
+            let s = b.summary.clone().unwrap_or_default();
+            format!(
+                "  burst {}: {} steps, {}\n",
+                b.burst + 1,
+                s.steps,
+                burst_stop(s.stop)
+            )
+        }
         E::Reply(_) | E::Error(_) => String::new(),
     }
 }
@@ -71,7 +80,9 @@ pub fn event_json(e: &E) -> serde_json::Value {
         }
         E::LatentStep(l) => {
             json!({"type": "latent_step", "attempt": l.attempt, "burst": l.burst, "step": l.step, "entropy": l.entropy, "norm": l.norm,
-            "top": l.top.iter().map(|t| json!({"text": t.text, "p": t.p})).collect::<Vec<_>>()})
+            "top": l.top.iter().map(|t| json!({"text": t.text, "p": t.p})).collect::<Vec<_>>(),
+            "nearest": l.nearest.as_ref().map(|n| json!({"text": n.text, "cosine": n.cosine})),
+            "kl_prev": l.kl_prev})
         }
         E::Commit(c) => {
             json!({"type": "commit", "attempt": c.attempt, "text": c.text, "rendered": c.rendered})
@@ -91,6 +102,11 @@ pub fn event_json(e: &E) -> serde_json::Value {
             json!({"type": "failover", "from": f.from_replica, "to": f.to_replica, "reason": f.reason})
         }
         E::Error(err) => json!({"type": "error", "code": err.code, "message": err.message}),
+        E::BurstEnded(b) => {
+            let s = b.summary.clone().unwrap_or_default();
+            json!({"type": "burst", "attempt": b.attempt, "burst": b.burst, "steps": s.steps,
+            "stop": burst_stop(s.stop), "mean_entropy": s.mean_entropy, "millis": s.millis})
+        }
     }
 }
 
@@ -125,4 +141,53 @@ fn flags(raw: &[i32]) -> String {
         .map(|&f| flag_name(pb::Flag::try_from(f).unwrap_or(pb::Flag::Unspecified)))
         .collect();
     format!(", flagged: {}", names.join(", "))
+}
+
+/// A stored session as the web view draws it: the transcript with every attempt, its bursts,
+/// draft, critique and timings (latent steps themselves are not stored: only live turns
+/// show them one by one).
+pub fn session_json(s: &pb::Session) -> serde_json::Value {
+    let roles = s.roles.clone().unwrap_or_default();
+    let turns: Vec<serde_json::Value> = s
+        .turns
+        .iter()
+        .map(|t| {
+            let attempts: Vec<serde_json::Value> = t
+                .attempts
+                .iter()
+                .map(|a| {
+                    let bursts: Vec<serde_json::Value> = a
+                        .bursts
+                        .iter()
+                        .map(|b| {
+                            json!({"steps": b.steps, "stop": burst_stop(b.stop), "mean_entropy": b.mean_entropy,
+                            "accepted": b.accepted, "rendered": b.rendered, "millis": b.millis})
+                        })
+                        .collect();
+                    json!({"number": a.number, "draft": a.draft, "verdict": verdict(a.verdict()),
+                    "nll": if a.nll.is_finite() { json!(a.nll) } else { json!(null) },
+                    "flags": a.flags().map(flag_name).collect::<Vec<_>>(),
+                    "critique": serde_json::from_str::<serde_json::Value>(&a.critique_json).unwrap_or(serde_json::Value::Null),
+                    "noise": a.noise, "steps": a.steps, "plain": a.plain, "bursts": bursts,
+                    "prompt_tokens": a.prompt_tokens, "reply_tokens": a.reply_tokens,
+                    "millis": {"prime": a.prime_millis, "commit": a.commit_millis, "critique": a.critique_millis, "queue": a.queue_millis}})
+                })
+                .collect();
+            json!({"index": t.index, "user": t.user, "reply": t.reply, "chosen_attempt": t.chosen_attempt,
+            "seed": t.seed, "created_unix_ms": t.created_unix_ms, "attempts": attempts,
+            "roles": t.roles.as_ref().map(|r| json!({"muse": r.muse, "majordomo": r.majordomo}))})
+        })
+        .collect();
+    json!({"id": s.id, "roles": {"muse": roles.muse, "majordomo": roles.majordomo},
+    "created_unix_ms": s.created_unix_ms, "system": s.system, "summary": s.summary,
+    "turn_count": s.turn_count.max(s.turns.len() as u32), "turns": turns})
+}
+
+/// A burst's stop reason as a word.
+pub fn burst_stop(raw: i32) -> String {
+    mm_proto::muse::v1::BurstStop::try_from(raw)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("BURST_STOP_")
+        .to_lowercase()
 }

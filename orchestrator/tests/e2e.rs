@@ -794,3 +794,43 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_view_shows_a_turn_dream_live_and_again_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
+    let http = orch
+        .http
+        .clone()
+        .expect("the orchestrator announces its HTTP API");
+    // The screenshot is the test's artifact: look at it.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-view.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser.py");
+    let out = tokio::task::spawn_blocking({
+        let shot = shot.clone();
+        move || {
+            Command::new(python())
+                .arg(script)
+                .arg(&http)
+                .arg(&shot)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser.py: {stdout}");
+    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(found["steps"].as_u64().unwrap() >= 1, "{found}");
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "a PNG screenshot at {}",
+        shot.display()
+    );
+    eprintln!("screenshot of the web view: {}", shot.display());
+}

@@ -221,18 +221,27 @@ fn named_session(headers: &HeaderMap, r: &ChatRequest) -> Result<Option<String>,
             })
         })
         .transpose()?;
-    let id = header.or_else(|| r.session_id.clone());
-    match id {
-        Some(id) if id.chars().count() > MAX_ID_CHARS => Err(ApiError::not_found(
-            "session_not_found",
-            format!("unknown session (its id is longer than {MAX_ID_CHARS} characters)"),
-        )),
-        Some(id) if id.is_empty() => Err(ApiError::bad_request(
+    header
+        .or_else(|| r.session_id.clone())
+        .map(|id| checked_id(&id))
+        .transpose()
+}
+
+/// A session id fit to look up: not empty, and short enough to name in an error.
+pub fn checked_id(id: &str) -> Result<String, ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::bad_request(
             "session_id",
             "session_id is empty: leave it out to start a session",
-        )),
-        other => Ok(other),
+        ));
     }
+    if id.chars().count() > MAX_ID_CHARS {
+        return Err(ApiError::not_found(
+            "session_not_found",
+            format!("unknown session (its id is longer than {MAX_ID_CHARS} characters)"),
+        ));
+    }
+    Ok(id.to_string())
 }
 
 /// The session this turn runs in: the named one (its roles changed if `model` asks for other
@@ -332,7 +341,7 @@ impl Told {
                     err.message,
                 )))
             }
-            TE::Commit(_) | TE::Critique(_) => {}
+            TE::Commit(_) | TE::Critique(_) | TE::BurstEnded(_) => {}
         }
         Ok(())
     }

@@ -1,18 +1,19 @@
 //! The orchestrator's HTTP API (default `127.0.0.1:50080`, `--http`, `MM_HTTP`): OpenAI's chat
-//! completions over the dreaming pipeline ([`chat`], in [`openai`]'s wire format) and
-//! Prometheus `GET /metrics`. It calls the gRPC service's methods in-process, so both APIs
+//! completions over the dreaming pipeline ([`chat`], in [`openai`]'s wire format), the live
+//! web view at `/` ([`web`]) and Prometheus `GET /metrics`. It calls the gRPC service's methods in-process, so both APIs
 //! share one validation, one store and one turn pipeline.
 //!
 //! Authentication is not built yet: any `Authorization` header is accepted and ignored.
 
 pub mod chat;
 pub mod openai;
+pub mod web;
 
 use crate::service::OrchestratorService;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 /// Largest request body (a chat with its history).
@@ -36,6 +37,13 @@ async fn count(
 pub fn router(svc: OrchestratorService) -> Router {
     let registry = svc.shared().metrics.registry.clone();
     Router::new()
+        .route("/", get(web::index))
+        .route("/app.js", get(web::script))
+        .route("/style.css", get(web::style))
+        .route("/api/models", get(web::models))
+        .route("/api/sessions", get(web::sessions).post(web::create))
+        .route("/api/sessions/{id}", get(web::session))
+        .route("/api/sessions/{id}/roles", put(web::set_roles))
         .route("/v1/models", get(chat::models))
         .route("/v1/chat/completions", post(chat::completions))
         .with_state(svc.clone())

@@ -1,0 +1,112 @@
+//! The live web view: one page embedded in the binary (plain HTML, CSS and JavaScript: no
+//! front-end build), and the small JSON API it reads besides the chat completions it streams
+//! turns through: the sessions, one session's stored transcript, the models each role can
+//! take, and setting a session's roles.
+
+use super::openai::ApiError;
+use crate::render;
+use crate::service::OrchestratorService;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use mm_proto::orchestrator::v1 as pb;
+use pb::orchestrator_server::Orchestrator;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tonic::Request;
+
+const INDEX: &str = include_str!("web/index.html");
+const SCRIPT: &str = include_str!("web/app.js");
+const STYLE: &str = include_str!("web/style.css");
+
+pub async fn index() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX)
+}
+
+pub async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+}
+
+pub async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+/// The models the healthy replicas serve, per role.
+pub async fn models(State(svc): State<OrchestratorService>) -> Json<Value> {
+    let s = svc.shared();
+    Json(json!({"muse": s.muse.models(), "majordomo": s.majordomo.models()}))
+}
+
+pub async fn sessions(State(svc): State<OrchestratorService>) -> Result<Json<Value>, ApiError> {
+    let list = svc
+        .list_sessions(Request::new(pb::ListSessionsRequest {}))
+        .await?
+        .into_inner();
+    let mut sessions: Vec<Value> = list.sessions.iter().map(render::session_json).collect();
+    sessions.reverse(); // newest first
+    Ok(Json(json!({ "sessions": sessions })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Roles {
+    #[serde(default)]
+    muse: String,
+    #[serde(default)]
+    majordomo: String,
+}
+
+impl From<Roles> for pb::Roles {
+    fn from(r: Roles) -> Self {
+        pb::Roles {
+            muse: r.muse,
+            majordomo: r.majordomo,
+        }
+    }
+}
+
+pub async fn create(
+    State(svc): State<OrchestratorService>,
+    body: Option<Json<Roles>>,
+) -> Result<Json<Value>, ApiError> {
+    let roles = body.map(|Json(r)| r).unwrap_or_default();
+    let s = svc
+        .create_session(Request::new(pb::CreateSessionRequest {
+            roles: Some(roles.into()),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(render::session_json(&s)))
+}
+
+pub async fn session(
+    State(svc): State<OrchestratorService>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let s = svc
+        .get_session(Request::new(pb::GetSessionRequest {
+            session_id: super::chat::checked_id(&id)?,
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(render::session_json(&s)))
+}
+
+pub async fn set_roles(
+    State(svc): State<OrchestratorService>,
+    Path(id): Path<String>,
+    Json(roles): Json<Roles>,
+) -> Result<Json<Value>, ApiError> {
+    let s = svc
+        .set_roles(Request::new(pb::SetRolesRequest {
+            session_id: super::chat::checked_id(&id)?,
+            roles: Some(roles.into()),
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(render::session_json(&s)))
+}
