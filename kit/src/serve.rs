@@ -1,6 +1,7 @@
 //! Serving any of the three services the same way: its routes plus the standard gRPC health
 //! service (reporting it SERVING) and reflection (v1 and v1alpha, listing this port's services
-//! only), on a bound listener, until ctrl-c, its requests counted in the service's metrics.
+//! only), on a bound listener, until ctrl-c or SIGTERM, its requests counted in the service's
+//! metrics.
 //! Prints `listening on <addr>` on stdout once ready: scripts and tests wait for it.
 
 use crate::metrics::GrpcRequests;
@@ -35,12 +36,34 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
+            shutdown_signal(),
         )
         .await?;
     Ok(())
+}
+
+/// Resolves on ctrl-c (SIGINT) or SIGTERM, the signal systemd, Docker and Kubernetes stop a
+/// process with.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Reflection that lists what this port serves: its service, health and reflection itself

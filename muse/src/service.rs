@@ -15,7 +15,6 @@ use mm_proto::muse::v1 as pb;
 use pb::muse_server::Muse;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
@@ -44,7 +43,6 @@ struct Shared {
     limits: Limits,
     sessions: Mutex<HashMap<String, Status_>>,
     compute: Arc<Semaphore>,
-    next_id: AtomicU64,
     metrics: Arc<MuseMetrics>,
 }
 
@@ -73,7 +71,6 @@ impl MuseService {
             limits,
             sessions: Mutex::new(HashMap::new()),
             compute,
-            next_id: AtomicU64::new(1),
             metrics,
         };
         Self {
@@ -123,7 +120,7 @@ impl Muse for MuseService {
                     shared.limits.max_sessions
                 )));
             }
-            let id = format!("s{}", shared.next_id.fetch_add(1, Ordering::Relaxed));
+            let id = mm_kit::ids::random_id();
             sessions.insert(id.clone(), Status_::default());
             shared.metrics.sessions.set(sessions.len() as i64);
             id

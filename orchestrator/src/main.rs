@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Serve the orchestrator API (orchestrator.v1, health, reflection).
     Serve(Flags),
-    /// Start muse, majordomo and orchestrator locally (loopback, default models) until ctrl-c.
+    /// Start muse, majordomo and orchestrator locally (loopback, default models) until ctrl-c
+    /// or SIGTERM.
     Up(UpArgs),
     /// One turn in a new session; prints the reply (`--json`: the turn's events as JSON lines).
     Run(RunArgs),
@@ -312,7 +313,9 @@ async fn cmd_up(a: UpArgs) -> Result<()> {
         services.orchestrator, services.muse, services.majordomo, services.http, services.http
     );
     println!("{}", services.orchestrator);
-    tokio::signal::ctrl_c().await?;
+    // Dropping the services stops them: on ctrl-c and on SIGTERM alike.
+    mm_kit::serve::shutdown_signal().await;
+    drop(services);
     Ok(())
 }
 

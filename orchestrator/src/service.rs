@@ -25,7 +25,6 @@ pub struct Shared {
     turns: Arc<Semaphore>,
     /// Sessions with a turn in progress: one turn per session at a time.
     busy: Mutex<HashSet<String>>,
-    next_id: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -62,7 +61,6 @@ impl OrchestratorService {
             metrics,
             turns,
             busy: Mutex::new(HashSet::new()),
-            next_id: 0.into(),
         };
         Ok(Self {
             shared: Arc::new(shared),
@@ -94,18 +92,12 @@ impl OrchestratorService {
     }
 
     pub(crate) fn load(&self, id: &str) -> Result<pb::Session, Status> {
-        if id.is_empty() {
-            return Err(Status::invalid_argument("session_id is empty"));
-        }
+        checked_id(id)?;
         self.shared
             .store
             .get(id)
             .map_err(store_err)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown session `{id}`: list sessions with ListSessions"
-                ))
-            })
+            .ok_or_else(|| unknown_session(id))
     }
 
     /// Fills empty roles with the first healthy replica's model; refuses models no replica serves.
@@ -164,6 +156,28 @@ impl OrchestratorService {
         TurnPolicy::resolve(&p.unwrap_or_default(), &self.shared.cfg.policy)
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
+}
+
+/// Characters of a session id: ours have 32; longer ones are not looked up.
+const MAX_ID_CHARS: usize = 128;
+
+/// A session id fit to look up (not empty, not too long), else INVALID_ARGUMENT.
+fn checked_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("session_id is empty"));
+    }
+    if id.chars().count() > MAX_ID_CHARS {
+        return Err(Status::invalid_argument(format!(
+            "session_id is longer than {MAX_ID_CHARS} characters: no session has such an id"
+        )));
+    }
+    Ok(())
+}
+
+fn unknown_session(id: &str) -> Status {
+    Status::not_found(format!(
+        "unknown session `{id}`: list sessions with ListSessions"
+    ))
 }
 
 /// Exchanges a new session may bring along.
@@ -244,13 +258,8 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 ..Default::default()
             })
             .collect();
-        let n = self
-            .shared
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{:x}{:04x}", turn::now_ms(), n & 0xffff);
         let s = pb::Session {
-            id,
+            id: mm_kit::ids::random_id(),
             roles: Some(roles),
             policy: Some(policy.to_pb()),
             created_unix_ms: created,
@@ -291,13 +300,14 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let id = request.into_inner().session_id;
+        checked_id(&id)?;
         if self.shared.busy.lock().expect("busy lock").contains(&id) {
             return Err(Status::failed_precondition(format!(
                 "session `{id}` has a turn in progress: delete it when the turn ends"
             )));
         }
         if !self.shared.store.delete(&id).map_err(store_err)? {
-            return Err(Status::not_found(format!("unknown session `{id}`")));
+            return Err(unknown_session(&id));
         }
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }

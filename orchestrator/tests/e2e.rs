@@ -834,3 +834,58 @@ async fn the_web_view_shows_a_turn_dream_live_and_again_after_a_reload() {
     );
     eprintln!("screenshot of the web view: {}", shot.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mm_up_stopped_with_sigterm_stops_its_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.redb");
+    let mut up = Command::new(bin("mm"))
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--store",
+        ])
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(up.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // stderr names every service: "orchestrator at http://A (muse http://B, majordomo http://C) …"
+    let mut said = String::new();
+    let mut err = std::io::BufReader::new(up.stderr.take().unwrap());
+    while !said.contains("orchestrator at") {
+        std::io::BufRead::read_line(&mut err, &mut said).unwrap();
+    }
+    let addrs: Vec<String> = said
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("http://"))
+        .map(|a| a.trim_end_matches([',', ')', ';']).to_string())
+        .filter(|a| a.contains(':') && !a.contains('/'))
+        .collect();
+    assert!(addrs.len() >= 3, "{said}");
+    for a in &addrs {
+        assert!(std::net::TcpStream::connect(a).is_ok(), "{a} listens");
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = up.wait().unwrap();
+    assert!(status.success(), "mm up exits cleanly on SIGTERM: {status}");
+    for a in &addrs {
+        assert!(
+            std::net::TcpStream::connect(a).is_err(),
+            "{a} still listens after mm up stopped"
+        );
+    }
+}

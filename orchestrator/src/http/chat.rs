@@ -29,8 +29,6 @@ use tonic::Request;
 
 /// The header naming (and returning) the session a request continues.
 pub const SESSION_HEADER: &str = "x-session-id";
-/// Longest session id looked up (longer ones are refused without echoing them).
-const MAX_ID_CHARS: usize = 128;
 /// Longest model id or policy knob name quoted back in an error.
 const QUOTE_CHARS: usize = 64;
 
@@ -211,7 +209,7 @@ fn stop_strings(stop: &Option<Stop>) -> Vec<String> {
     }
 }
 
-/// The session the request continues (its id, checked), or None for a fresh one.
+/// The session the request continues, or None for a fresh one.
 fn named_session(headers: &HeaderMap, r: &ChatRequest) -> Result<Option<String>, ApiError> {
     let header = headers
         .get(SESSION_HEADER)
@@ -221,27 +219,7 @@ fn named_session(headers: &HeaderMap, r: &ChatRequest) -> Result<Option<String>,
             })
         })
         .transpose()?;
-    header
-        .or_else(|| r.session_id.clone())
-        .map(|id| checked_id(&id))
-        .transpose()
-}
-
-/// A session id fit to look up: not empty, and short enough to name in an error.
-pub fn checked_id(id: &str) -> Result<String, ApiError> {
-    if id.is_empty() {
-        return Err(ApiError::bad_request(
-            "session_id",
-            "session_id is empty: leave it out to start a session",
-        ));
-    }
-    if id.chars().count() > MAX_ID_CHARS {
-        return Err(ApiError::not_found(
-            "session_not_found",
-            format!("unknown session (its id is longer than {MAX_ID_CHARS} characters)"),
-        ));
-    }
-    Ok(id.to_string())
+    Ok(header.or_else(|| r.session_id.clone()))
 }
 
 /// The session this turn runs in: the named one (its roles changed if `model` asks for other

@@ -88,9 +88,7 @@ pub async fn session(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let s = svc
-        .get_session(Request::new(pb::GetSessionRequest {
-            session_id: super::chat::checked_id(&id)?,
-        }))
+        .get_session(Request::new(pb::GetSessionRequest { session_id: id }))
         .await?
         .into_inner();
     Ok(Json(render::session_json(&s)))
@@ -103,7 +101,7 @@ pub async fn set_roles(
 ) -> Result<Json<Value>, ApiError> {
     let s = svc
         .set_roles(Request::new(pb::SetRolesRequest {
-            session_id: super::chat::checked_id(&id)?,
+            session_id: id,
             roles: Some(roles.into()),
         }))
         .await?
