@@ -196,6 +196,18 @@ pub struct Structure {
     pub summary: String,
 }
 
+impl Structure {
+    /// Parses a structure's JSON; the title must not be empty (the schema's `minLength`, which
+    /// a remote server's grammar may not enforce).
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let s: Structure = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        if s.title.is_empty() {
+            return Err("the title is empty".into());
+        }
+        Ok(s)
+    }
+}
+
 pub const TITLE_MAX: usize = 60;
 pub const STRUCTURE_POINTS_MAX: usize = 5;
 

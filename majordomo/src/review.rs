@@ -1,7 +1,7 @@
 //! The majordomo's two jobs on a draft: a critique (model verdict, constrained to the schema,
 //! merged with the deterministic checks) and a structure (title, points, summary).
 
-use crate::checks::{self, DraftStats, LengthLimits};
+use crate::checks::{self, DraftStats, Finding, LengthLimits};
 use crate::constrained::{self, Constrainer, DecodeStats};
 use crate::critique::{self, Critique, IssueKind, NoiseAdvice, Structure, Verdict};
 use crate::error::{MajordomoError, Result};
@@ -54,8 +54,38 @@ pub struct CritiqueOutcome {
     pub findings: Vec<IssueKind>,
     pub stats: DraftStats,
     pub decode: DecodeStats,
-    /// The draft's fluency under this model, given the request; none for an empty draft.
+    /// The draft's fluency under this model, given the request; none for an empty draft, and
+    /// none from a remote critic (a chat-completions server cannot score our text).
     pub nll: Option<lm::Nll>,
+}
+
+impl CritiqueOutcome {
+    /// The outcome of a critique whose model part is `model` (parsed and valid): merged with
+    /// the checks' `findings`. Every backend ends here, so a remote critic's verdict is made
+    /// stricter by the checks exactly as our own model's is.
+    pub fn merged(
+        model: Critique,
+        model_json: String,
+        stats: DraftStats,
+        findings: &[Finding],
+        decode: DecodeStats,
+        nll: Option<lm::Nll>,
+    ) -> Result<Self> {
+        let critique = merge(model, findings);
+        critique.validate().map_err(|e| {
+            MajordomoError::Grammar(format!(
+                "the merged critique is invalid ({e}): {critique:?}"
+            ))
+        })?;
+        Ok(Self {
+            critique,
+            model_json,
+            findings: findings.iter().map(|f| f.issue.kind).collect(),
+            stats,
+            decode,
+            nll,
+        })
+    }
 }
 
 /// Request limits, checked at the API edge.
@@ -73,6 +103,50 @@ impl Default for RequestLimits {
             max_draft_chars: 100_000,
             max_conversation_messages: 64,
         }
+    }
+}
+
+impl RequestLimits {
+    /// Rejects oversized or empty-where-required fields of a critique request, naming the field.
+    pub fn check(&self, r: &CritiqueRequest) -> Result<()> {
+        let bad = |m: String| Err(MajordomoError::InvalidRequest(m));
+        if r.request.trim().is_empty() {
+            return bad("request is empty: say what the user asked for".into());
+        }
+        if r.request.chars().count() > self.max_request_chars {
+            return bad(format!(
+                "request is longer than {} characters",
+                self.max_request_chars
+            ));
+        }
+        self.check_draft_length(&r.draft)?;
+        if r.conversation.len() > self.max_conversation_messages {
+            return bad(format!(
+                "conversation has more than {} messages",
+                self.max_conversation_messages
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rejects a draft with nothing to structure, or too long a one.
+    pub fn check_structure(&self, draft: &str) -> Result<()> {
+        if draft.trim().is_empty() {
+            return Err(MajordomoError::InvalidRequest(
+                "draft is empty: nothing to structure".into(),
+            ));
+        }
+        self.check_draft_length(draft)
+    }
+
+    fn check_draft_length(&self, draft: &str) -> Result<()> {
+        if draft.chars().count() > self.max_draft_chars {
+            return Err(MajordomoError::InvalidRequest(format!(
+                "draft is longer than {} characters",
+                self.max_draft_chars
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -114,29 +188,7 @@ impl Majordomo {
 
     /// Rejects oversized or empty-where-required fields, naming the field.
     pub fn validate(&self, r: &CritiqueRequest) -> Result<()> {
-        let bad = |m: String| Err(MajordomoError::InvalidRequest(m));
-        if r.request.trim().is_empty() {
-            return bad("request is empty: say what the user asked for".into());
-        }
-        if r.request.chars().count() > self.limits.max_request_chars {
-            return bad(format!(
-                "request is longer than {} characters",
-                self.limits.max_request_chars
-            ));
-        }
-        if r.draft.chars().count() > self.limits.max_draft_chars {
-            return bad(format!(
-                "draft is longer than {} characters",
-                self.limits.max_draft_chars
-            ));
-        }
-        if r.conversation.len() > self.limits.max_conversation_messages {
-            return bad(format!(
-                "conversation has more than {} messages",
-                self.limits.max_conversation_messages
-            ));
-        }
-        Ok(())
+        self.limits.check(r)
     }
 
     /// A critique of the draft; `on_text` receives the model's JSON as it is written.
@@ -160,16 +212,8 @@ impl Majordomo {
                 "constrained output did not parse ({e}): {model_json}"
             ))
         })?;
-        let critique = merge(model, &findings);
-        critique.validate().map_err(MajordomoError::Grammar)?;
-        Ok(CritiqueOutcome {
-            critique,
-            model_json,
-            stats,
-            decode,
-            nll: self.fluency(&r.request, &r.draft)?,
-            findings: findings.iter().map(|f| f.issue.kind).collect(),
-        })
+        let nll = self.fluency(&r.request, &r.draft)?;
+        CritiqueOutcome::merged(model, model_json, stats, &findings, decode, nll)
     }
 
     /// The mean per-token NLL of `draft` as this model's reply to `request`: one prompt pass,
@@ -193,31 +237,15 @@ impl Majordomo {
         draft: &str,
         on_text: impl FnMut(&str),
     ) -> Result<(Structure, DecodeStats)> {
-        if draft.trim().is_empty() {
-            return Err(MajordomoError::InvalidRequest(
-                "draft is empty: nothing to structure".into(),
-            ));
-        }
-        if draft.chars().count() > self.limits.max_draft_chars {
-            return Err(MajordomoError::InvalidRequest(format!(
-                "draft is longer than {} characters",
-                self.limits.max_draft_chars
-            )));
-        }
-        let user = format!(
-            "Draft:\n{}\n\nGive it a short title, its key points, and a one-sentence summary.",
-            window(draft)
-        );
-        let prompt = self
-            .lm
-            .chat_prompt(&[ChatMessage::new("system", SYSTEM), ChatMessage::user(user)])?;
+        self.limits.check_structure(draft)?;
+        let prompt = self.lm.chat_prompt(&structure_messages(draft))?;
         let (json, decode) = self.run(
             &prompt,
             &critique::structure_schema(),
             critique::structure_output_max_bytes(),
             on_text,
         )?;
-        let s: Structure = serde_json::from_str(&json).map_err(|e| {
+        let s = Structure::parse(&json).map_err(|e| {
             MajordomoError::Grammar(format!("constrained output did not parse ({e}): {json}"))
         })?;
         Ok((s, decode))
@@ -225,34 +253,9 @@ impl Majordomo {
 
     /// The token ids the model reads for a critique.
     pub fn critique_prompt(&self, r: &CritiqueRequest) -> Vec<u32> {
-        let convo: Vec<String> = r
-            .conversation
-            .iter()
-            .rev()
-            .take(WINDOW_TURNS)
-            .rev()
-            .map(|m| format!("{}: {}", m.role, clip(&m.content, TURN_CHARS)))
-            .collect();
-        let telemetry = r
-            .telemetry
-            .as_ref()
-            .map_or_else(|| "none".to_string(), TelemetrySummary::describe);
-        let user = format!(
-            "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}\n\nCritique the draft: verdict \
-             (accept, revise or reject), coherence and novelty from 0 to 10, issues, a one-sentence summary, its key \
-             points, and advice for the next dream (noise lower, keep or raise; steps fewer, keep or more).",
-            clip(&r.request, 600),
-            if convo.is_empty() { "(none)".to_string() } else { convo.join("\n") },
-            if r.draft.trim().is_empty() { "(empty)".to_string() } else { window(&r.draft) },
-            telemetry
-        );
-        // User text is encoded as the template renders it; markers inside it stay text only if
-        // the template escapes them, so strip the few that would end a turn early.
-        let messages = [
-            ChatMessage::new("system", SYSTEM),
-            ChatMessage::user(defuse(&user)),
-        ];
-        self.lm.chat_prompt(&messages).unwrap_or_default()
+        self.lm
+            .chat_prompt(&critique_messages(r))
+            .unwrap_or_default()
     }
 
     fn run(
@@ -320,6 +323,47 @@ pub fn merge(mut model: Critique, findings: &[checks::Finding]) -> Critique {
     }
     model.issues = issues;
     model
+}
+
+/// The messages a critic reads for a critique, whatever the backend: our model renders them
+/// with its chat template, a remote server with its own.
+pub fn critique_messages(r: &CritiqueRequest) -> Vec<ChatMessage> {
+    let convo: Vec<String> = r
+        .conversation
+        .iter()
+        .rev()
+        .take(WINDOW_TURNS)
+        .rev()
+        .map(|m| format!("{}: {}", m.role, clip(&m.content, TURN_CHARS)))
+        .collect();
+    let telemetry = r
+        .telemetry
+        .as_ref()
+        .map_or_else(|| "none".to_string(), TelemetrySummary::describe);
+    let user = format!(
+        "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}\n\nCritique the draft: verdict \
+         (accept, revise or reject), coherence and novelty from 0 to 10, issues, a one-sentence summary, its key \
+         points, and advice for the next dream (noise lower, keep or raise; steps fewer, keep or more).",
+        clip(&r.request, 600),
+        if convo.is_empty() { "(none)".to_string() } else { convo.join("\n") },
+        if r.draft.trim().is_empty() { "(empty)".to_string() } else { window(&r.draft) },
+        telemetry
+    );
+    // User text is encoded as the template renders it; markers inside it stay text only if
+    // the template escapes them, so strip the few that would end a turn early.
+    vec![
+        ChatMessage::new("system", SYSTEM),
+        ChatMessage::user(defuse(&user)),
+    ]
+}
+
+/// The messages a critic reads to structure a draft.
+pub fn structure_messages(draft: &str) -> Vec<ChatMessage> {
+    let user = format!(
+        "Draft:\n{}\n\nGive it a short title, its key points, and a one-sentence summary.",
+        window(draft)
+    );
+    vec![ChatMessage::new("system", SYSTEM), ChatMessage::user(user)]
 }
 
 /// The part of a long text the model reads: its head and tail, with the cut marked.

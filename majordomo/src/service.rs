@@ -1,11 +1,14 @@
 //! The majordomo gRPC service (`majordomo.v1.Majordomo`).
 //!
-//! Requests run on blocking threads, `workers` at a time (FIFO); at most `queue_capacity` more
-//! wait. Beyond that a request is answered RESOURCE_EXHAUSTED at once: the queue is bounded.
+//! Requests run `workers` at a time (FIFO): on blocking threads with the local backend, as
+//! HTTP calls with the remote one (`backend`). At most `queue_capacity` more wait. Beyond that
+//! a request is answered RESOURCE_EXHAUSTED at once: the queue is bounded.
 
+use crate::backend::Backend;
 use crate::critique::{Critique, IssueKind, NoiseAdvice, StepsAdvice, Verdict};
 use crate::error::MajordomoError;
-use crate::review::{CritiqueRequest, Majordomo, TelemetrySummary};
+use crate::metrics::MajordomoMetrics;
+use crate::review::{CritiqueOutcome, CritiqueRequest, TelemetrySummary};
 use mm_proto::majordomo::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +18,8 @@ use tonic::{Request, Response, Status};
 
 #[derive(Clone)]
 pub struct MajordomoService {
-    md: Arc<Majordomo>,
+    backend: Arc<Backend>,
+    metrics: Arc<MajordomoMetrics>,
     /// Permits for running and waiting requests together (workers + queue).
     admission: Arc<Semaphore>,
     workers: Arc<Semaphore>,
@@ -24,10 +28,16 @@ pub struct MajordomoService {
 }
 
 impl MajordomoService {
-    pub fn new(md: Arc<Majordomo>, workers: usize, queue_capacity: usize) -> Self {
+    pub fn new(
+        backend: Arc<Backend>,
+        workers: usize,
+        queue_capacity: usize,
+        metrics: Arc<MajordomoMetrics>,
+    ) -> Self {
         let workers = workers.max(1);
         Self {
-            md,
+            backend,
+            metrics,
             admission: Arc::new(Semaphore::new(workers + queue_capacity)),
             workers: Arc::new(Semaphore::new(workers)),
             n_workers: workers,
@@ -55,7 +65,10 @@ pub fn status_of(e: &MajordomoError) -> Status {
     match e {
         MajordomoError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
         MajordomoError::Lm(lm) => mm_kit::status::status_of(lm),
-        MajordomoError::Grammar(_) => Status::internal(e.to_string()),
+        MajordomoError::Remote(r) if r.is_unavailable() => Status::unavailable(e.to_string()),
+        MajordomoError::Grammar(_) | MajordomoError::Remote(_) | MajordomoError::Worker(_) => {
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -115,6 +128,36 @@ pub fn to_pb(c: &Critique) -> pb::Critique {
     }
 }
 
+/// The stream's last event: the critique, the checks' figures and, from our own model, the
+/// draft's NLL (a remote critic leaves `nll` unset).
+fn result_event(out: &CritiqueOutcome) -> pb::CritiqueEvent {
+    pb::CritiqueEvent {
+        event: Some(pb::critique_event::Event::Result(pb::CritiqueResult {
+            critique: Some(to_pb(&out.critique)),
+            json: serde_json::to_string(&out.critique).unwrap_or_default(),
+            stats: Some(pb::DraftStats {
+                chars: out.stats.chars as u32,
+                words: out.stats.words as u32,
+                distinct_1: out.stats.distinct_1,
+                distinct_2: out.stats.distinct_2,
+                distinct_3: out.stats.distinct_3,
+                longest_repeat: out.stats.longest_repeat as u32,
+                broken_word_rate: out.stats.broken_word_rate,
+                max_line_repeats: out.stats.max_line_repeats as u32,
+            }),
+            decode: Some(pb::DecodeStats {
+                tokens: out.decode.tokens as u32,
+                forced: out.decode.forced as u32,
+                millis: out.decode.total_time.as_secs_f64() * 1e3,
+                mask_micros_per_token: out.decode.mask_micros_per_token(),
+            }),
+            findings: out.findings.iter().map(|k| issue_kind(*k) as i32).collect(),
+            nll: out.nll.map(|n| n.mean),
+            nll_tokens: out.nll.map_or(0, |n| n.tokens as u32),
+        })),
+    }
+}
+
 type CritiqueStream = Pin<Box<dyn Stream<Item = Result<pb::CritiqueEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -141,53 +184,35 @@ impl pb::majordomo_server::Majordomo for MajordomoService {
                 stop_reasons: t.stop_reasons,
             }),
         };
-        self.md.validate(&req).map_err(|e| status_of(&e))?;
+        self.backend.validate(&req).map_err(|e| status_of(&e))?;
         let admitted = self.admit()?;
         let (tx, rx) = mpsc::channel(64);
-        let md = self.md.clone();
+        let backend = self.backend.clone();
         let workers = self.workers.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _admitted = admitted;
-            let Ok(_worker) = workers.acquire_owned().await else {
+            metrics.queued.inc();
+            let worker = workers.acquire_owned().await;
+            metrics.queued.dec();
+            let Ok(_worker) = worker else {
                 return;
             };
-            let tx2 = tx.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                md.critique(&req, |t| {
-                    let _ = tx2.blocking_send(Ok(pb::CritiqueEvent {
-                        event: Some(pb::critique_event::Event::Token(t.to_string())),
-                    }));
-                })
-            })
-            .await;
-            let last = match result {
-                Ok(Ok(out)) => Ok(pb::CritiqueEvent {
-                    event: Some(pb::critique_event::Event::Result(pb::CritiqueResult {
-                        critique: Some(to_pb(&out.critique)),
-                        json: serde_json::to_string(&out.critique).unwrap_or_default(),
-                        stats: Some(pb::DraftStats {
-                            chars: out.stats.chars as u32,
-                            words: out.stats.words as u32,
-                            distinct_1: out.stats.distinct_1,
-                            distinct_2: out.stats.distinct_2,
-                            distinct_3: out.stats.distinct_3,
-                            longest_repeat: out.stats.longest_repeat as u32,
-                            broken_word_rate: out.stats.broken_word_rate,
-                            max_line_repeats: out.stats.max_line_repeats as u32,
-                        }),
-                        decode: Some(pb::DecodeStats {
-                            tokens: out.decode.tokens as u32,
-                            forced: out.decode.forced as u32,
-                            millis: out.decode.total_time.as_secs_f64() * 1e3,
-                            mask_micros_per_token: out.decode.mask_micros_per_token(),
-                        }),
-                        findings: out.findings.iter().map(|k| issue_kind(*k) as i32).collect(),
-                        nll: out.nll.map(|n| n.mean),
-                        nll_tokens: out.nll.map_or(0, |n| n.tokens as u32),
-                    })),
-                }),
-                Ok(Err(e)) => Err(status_of(&e)),
-                Err(e) => Err(Status::internal(format!("critique worker failed: {e}"))),
+            let started = std::time::Instant::now();
+            let tokens = tx.clone();
+            // Called on the local backend's blocking thread, where waiting for room in the
+            // channel is the back-pressure of a slow reader.
+            let on_text = move |t: &str| {
+                let _ = tokens.blocking_send(Ok(pb::CritiqueEvent {
+                    event: Some(pb::critique_event::Event::Token(t.to_string())),
+                }));
+            };
+            let last = match backend.critique(req, on_text).await {
+                Ok(out) => {
+                    metrics.critique(out.critique.verdict, started.elapsed().as_secs_f64());
+                    Ok(result_event(&out))
+                }
+                Err(e) => Err(status_of(&e)),
             };
             let _ = tx.send(last).await;
         });
@@ -200,17 +225,16 @@ impl pb::majordomo_server::Majordomo for MajordomoService {
     ) -> Result<Response<pb::StructureResponse>, Status> {
         let draft = utf8("draft", request.into_inner().draft)?;
         let _admitted = self.admit()?;
-        let _worker = self
-            .workers
-            .clone()
-            .acquire_owned()
+        self.metrics.queued.inc();
+        let worker = self.workers.clone().acquire_owned().await;
+        self.metrics.queued.dec();
+        let _worker = worker.map_err(|_| Status::unavailable("shutting down"))?;
+        let s = self
+            .backend
+            .structure(draft)
             .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        let md = self.md.clone();
-        let (s, _) = tokio::task::spawn_blocking(move || md.structure(&draft, |_| {}))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| status_of(&e))?;
+        self.metrics.structure();
         Ok(Response::new(pb::StructureResponse {
             title: s.title,
             points: s.points,
@@ -222,12 +246,12 @@ impl pb::majordomo_server::Majordomo for MajordomoService {
         &self,
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let lm = self.md.model();
+        let m = self.backend.info().await.map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::InfoResponse {
-            model: lm.name.clone(),
-            architecture: lm.model.config().arch.name().into(),
-            context_length: lm.model.max_context() as u32,
-            quantization: lm.model.quantization().into(),
+            model: m.model,
+            architecture: m.architecture,
+            context_length: m.context_length,
+            quantization: m.quantization,
             workers: self.n_workers as u32,
             queue_capacity: self.queue_capacity as u32,
         }))

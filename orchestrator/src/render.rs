@@ -46,9 +46,13 @@ pub fn compact(e: &E) -> String {
                 .replace('\n', " ")
         ),
         E::Critique(c) => format!(
-            "  majordomo: {}, fluency {:.2} nats/token{}\n",
+            "  majordomo: {}, {}{}\n",
             verdict(c.verdict()),
-            c.nll,
+            if c.nll.is_finite() {
+                format!("fluency {:.2} nats/token", c.nll)
+            } else {
+                "no fluency score (a remote critic)".into()
+            },
             flags(&c.flags)
         ),
         E::Revision(r) if r.plain => format!("  revising: {}\n", r.reason),

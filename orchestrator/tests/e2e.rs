@@ -67,18 +67,22 @@ fn muse(model: &str) -> Proc {
 }
 
 fn majordomo() -> Proc {
-    spawn(
-        "majordomo",
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-            "--queue-capacity",
-            "64",
-        ],
-    )
+    majordomo_with(&[])
+}
+
+/// A majordomo with `extra` flags.
+fn majordomo_with(extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+        "--queue-capacity",
+        "64",
+    ];
+    args.extend(extra);
+    spawn("majordomo", &args)
 }
 
 fn orchestrator(store: &Path, muses: &[&Proc], md: &Proc) -> Proc {
@@ -696,21 +700,6 @@ async fn documented_environment_configuration_and_reflection_work() {
     }
 }
 
-/// The Python with the test peers: `MM_PYTHON`, else the one `deploy/python-env.sh` prepares.
-fn python() -> String {
-    if let Ok(p) = std::env::var("MM_PYTHON") {
-        return p;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/python-env.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running deploy/python-env.sh");
-    assert!(out.status.success(), "deploy/python-env.sh failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Plain HTTP GET of `url`'s body (enough for `/metrics`).
 async fn get(url: &str) -> String {
     let url = url.strip_prefix("http://").unwrap();
@@ -741,7 +730,8 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
             &metrics,
         ],
     );
-    let md = majordomo();
+    let md_metrics = format!("127.0.0.1:{}", free_port());
+    let md = majordomo_with(&["--metrics", &md_metrics]);
     let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
     let http = orch
         .http
@@ -749,7 +739,7 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
         .expect("the orchestrator announces its HTTP API");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
+        Command::new(mm_kit::peers::python().unwrap())
             .arg(script)
             .arg(&http)
             .stderr(Stdio::inherit())
@@ -793,6 +783,14 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
         text.contains(r#"muse_grpc_requests_total{method="/muse.v1.Muse/Session",code="Ok"}"#),
         "{text}"
     );
+    // So did the majordomo its critiques: one per attempt of the three turns at least.
+    let text = get(&format!("http://{md_metrics}/metrics")).await;
+    let critiques: f64 = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("majordomo_critiques_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(critiques >= 3.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -811,7 +809,7 @@ async fn the_web_view_shows_a_turn_dream_live_and_again_after_a_reload() {
     let out = tokio::task::spawn_blocking({
         let shot = shot.clone();
         move || {
-            Command::new(python())
+            Command::new(mm_kit::peers::python().unwrap())
                 .arg(script)
                 .arg(&http)
                 .arg(&shot)

@@ -1,0 +1,24 @@
+//! The Python peers the end-to-end tests talk to (the official `openai` client, a Prometheus
+//! text parser, llama.cpp's OpenAI-compatible server, a WebDriver client): the interpreter in
+//! `MM_PYTHON`, else the cached venv `deploy/python-env.sh` prepares (minutes the first time).
+
+use std::process::{Command, Stdio};
+
+/// The Python to run the peers with.
+pub fn python() -> std::io::Result<String> {
+    if let Ok(p) = std::env::var("MM_PYTHON") {
+        return Ok(p);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/python-env.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "deploy/python-env.sh failed ({}): see its messages above, or set MM_PYTHON",
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
