@@ -5,7 +5,7 @@
 # llama.cpp's build (several minutes on 2 cores the first time) for the next run.
 #
 # Usage: deploy/python-env.sh            prints the venv's python on stdout
-# The tests use MM_PYTHON when it is set (.ci/run exports it), else they run this script.
+# The tests use TEST_PEERS_PYTHON when set (.ci/run exports it), else they run this script.
 set -euo pipefail
 venv="${MM_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mm/pyenv}"
 want=("openai>=1" "prometheus-client>=0.20" "llama-cpp-python[server]==0.3.36")

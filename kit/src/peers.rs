@@ -1,12 +1,13 @@
 //! The Python peers the end-to-end tests talk to (the official `openai` client, a Prometheus
 //! text parser, llama.cpp's OpenAI-compatible server, a WebDriver client): the interpreter in
-//! `MM_PYTHON`, else the cached venv `deploy/python-env.sh` prepares (minutes the first time).
+//! `TEST_PEERS_PYTHON`, else the cached venv `deploy/python-env.sh` prepares (minutes the
+//! first time). Not `MM_…`: the orchestrator reads every `MM_*` variable as its configuration.
 
 use std::process::{Command, Stdio};
 
 /// The Python to run the peers with.
 pub fn python() -> std::io::Result<String> {
-    if let Ok(p) = std::env::var("MM_PYTHON") {
+    if let Ok(p) = std::env::var("TEST_PEERS_PYTHON") {
         return Ok(p);
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/python-env.sh");
@@ -16,7 +17,7 @@ pub fn python() -> std::io::Result<String> {
         .output()?;
     if !out.status.success() {
         return Err(std::io::Error::other(format!(
-            "deploy/python-env.sh failed ({}): see its messages above, or set MM_PYTHON",
+            "deploy/python-env.sh failed ({}): see its messages above, or set TEST_PEERS_PYTHON",
             out.status
         )));
     }

@@ -4,7 +4,7 @@
 //! it, Info names the remote model, and a server that goes away makes the majordomo
 //! UNAVAILABLE (the orchestrator fails over).
 //!
-//! Python comes from `MM_PYTHON`, else from `deploy/python-env.sh` (which installs
+//! Python comes from `TEST_PEERS_PYTHON`, else from `deploy/python-env.sh` (which installs
 //! llama-cpp-python the first time: minutes).
 
 use majordomo::critique::{Critique, IssueKind, Verdict};
