@@ -341,7 +341,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let stop = stop_strings(r.stop)?;
         let session = self.load(&r.session_id)?;
         // Sessions store their policy resolved; older ones lack the newer fields (defaults).
-        let session_policy = self.policy(session.policy.clone())?;
+        let session_policy = self.policy(session.policy)?;
         let policy = TurnPolicy::resolve(&r.policy.unwrap_or_default(), &session_policy)
             .map_err(|e| Status::invalid_argument(format!("policy: {e}")))?;
         let permit = self.shared.turns.clone().try_acquire_owned().map_err(|_| {

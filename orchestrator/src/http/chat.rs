@@ -383,7 +383,7 @@ pub async fn completions(
     let chat = conversation(&r.messages)?;
     let stop = stop_strings(&r.stop);
     let s = session(&svc, named_session(&headers, &r)?, &r.model, &chat).await?;
-    let base = svc.policy(s.policy.clone()).map_err(ApiError::from)?;
+    let base = svc.policy(s.policy).map_err(ApiError::from)?;
     let policy = turn_policy(&base, &r)?;
     let events = svc
         .turn(Request::new(pb::TurnRequest {
