@@ -15,7 +15,6 @@ mod run;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use mm_proto::orchestrator::v1::orchestrator_client::OrchestratorClient;
 use orchestrator::local;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,9 +143,7 @@ async fn run(a: Args) -> Result<()> {
             (services.orchestrator.clone(), Some(services))
         }
     };
-    let client = OrchestratorClient::connect(addr.clone())
-        .await
-        .with_context(|| format!("connecting to the orchestrator at {addr}"))?;
+    let client = orchestrator::auth::connect(&addr).await?;
     let samples = run::generate(
         client,
         &settings,

@@ -6,13 +6,11 @@ use crate::grid::Setting;
 use crate::judge::Judge;
 use anyhow::{Context, Result};
 use mm_proto::orchestrator::v1 as pb;
-use pb::orchestrator_client::OrchestratorClient;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// One reply, with what made it and what the judge said.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +61,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
 
 /// Runs every missing turn, `concurrency` at a time, appending to `samples.jsonl` in `out`.
 pub async fn generate(
-    client: OrchestratorClient<Channel>,
+    client: orchestrator::auth::Client,
     settings: &[Setting],
     prompts: &[String],
     samples: usize,
@@ -144,7 +142,7 @@ fn progress(n: usize, total: usize, last: &Sample, secs: f64) {
 
 /// One turn of a fresh session, its transcript read back, the reply judged.
 async fn one(
-    mut c: OrchestratorClient<Channel>,
+    mut c: orchestrator::auth::Client,
     setting: &Setting,
     prompt_index: usize,
     prompt: &str,

@@ -3,9 +3,7 @@
 //! replica.
 
 use mm_proto::orchestrator::v1 as pb;
-use pb::orchestrator_client::OrchestratorClient;
 use std::time::Instant;
-use tonic::transport::Channel;
 
 fn policy() -> pb::DreamPolicy {
     pb::DreamPolicy {
@@ -33,7 +31,7 @@ pub struct Breakdown {
 }
 
 async fn one_turn(
-    mut c: OrchestratorClient<Channel>,
+    mut c: crate::auth::Client,
     id: String,
     msg: String,
 ) -> anyhow::Result<Breakdown> {
@@ -95,7 +93,7 @@ fn mean(xs: &[Breakdown]) -> Breakdown {
 }
 
 pub async fn run(
-    client: &mut OrchestratorClient<Channel>,
+    client: &mut crate::auth::Client,
     levels: &[usize],
 ) -> anyhow::Result<serde_json::Value> {
     let mut out = serde_json::Map::new();

@@ -34,6 +34,10 @@ pub struct Config {
     pub history_chars: usize,
     /// Seconds between health checks of the replicas.
     pub health_interval_s: u64,
+    /// A bearer token for one tenant, `default` (`MM_API_TOKEN`); with `api_tokens_file`,
+    /// `<tenant> <token>` lines. Neither: the client API is open.
+    pub api_token: Option<String>,
+    pub api_tokens_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -51,6 +55,8 @@ impl Default for Config {
             max_message_chars: 4000,
             history_chars: 3000,
             health_interval_s: 2,
+            api_token: None,
+            api_tokens_file: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! is primed with the [`history`] window.
 
 pub mod attempt;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod critic;

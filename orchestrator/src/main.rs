@@ -9,11 +9,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mm_proto::orchestrator::v1 as pb;
 use orchestrator::config::{Config, Flags};
-use orchestrator::{local, render};
-use pb::orchestrator_client::OrchestratorClient;
+use orchestrator::{auth, local, render};
 use policy_args::PolicyArgs;
 use std::io::{BufRead, Write};
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -144,7 +142,7 @@ fn verbosity(s: &str) -> pb::Verbosity {
 }
 
 /// Connects to `--orchestrator`, or starts the services locally (kept alive by the guard).
-async fn connect(c: &ClientArgs) -> Result<(OrchestratorClient<Channel>, Option<local::Services>)> {
+async fn connect(c: &ClientArgs) -> Result<(auth::Client, Option<local::Services>)> {
     let (addr, guard) = match &c.orchestrator {
         Some(a) => (a.clone(), None),
         None => {
@@ -153,14 +151,12 @@ async fn connect(c: &ClientArgs) -> Result<(OrchestratorClient<Channel>, Option<
             (services.orchestrator.clone(), Some(services))
         }
     };
-    let client = OrchestratorClient::connect(addr.clone())
-        .await
-        .with_context(|| format!("connecting to the orchestrator at {addr}"))?;
+    let client = auth::connect(&addr).await?;
     Ok((client, guard))
 }
 
 async fn run_turn(
-    client: &mut OrchestratorClient<Channel>,
+    client: &mut auth::Client,
     session: &str,
     message: &str,
     v: pb::Verbosity,

@@ -1,5 +1,6 @@
 //! The client API (`orchestrator.v1.Orchestrator`).
 
+use crate::auth::{Caller, Tokens};
 use crate::config::Config;
 use crate::history;
 use crate::metrics::Metrics;
@@ -14,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 pub struct Shared {
     pub cfg: Config,
+    /// The bearer tokens; None: the API is open.
+    pub tokens: Option<Tokens>,
     pub store: Store,
     pub muse: Pool,
     pub majordomo: Pool,
@@ -39,6 +43,7 @@ fn store_err(e: crate::store::StoreError) -> Status {
 impl OrchestratorService {
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
         let store = Store::open(&cfg.store)?;
+        let tokens = Tokens::load(cfg.api_token.as_deref(), cfg.api_tokens_file.as_deref())?;
         let metrics = Metrics::default();
         let muse = Pool::new(
             Role::Muse,
@@ -55,6 +60,7 @@ impl OrchestratorService {
         let turns = Arc::new(Semaphore::new(cfg.max_turns));
         let shared = Shared {
             cfg,
+            tokens,
             store,
             muse,
             majordomo,
@@ -87,16 +93,22 @@ impl OrchestratorService {
         });
     }
 
-    pub fn into_server(self) -> pb::orchestrator_server::OrchestratorServer<Self> {
-        pb::orchestrator_server::OrchestratorServer::new(self)
+    /// The gRPC server, each call authenticated when tokens are configured.
+    pub fn into_server(
+        self,
+    ) -> InterceptedService<pb::orchestrator_server::OrchestratorServer<Self>, Authenticate> {
+        let check = Authenticate(self.shared.clone());
+        pb::orchestrator_server::OrchestratorServer::with_interceptor(self, check)
     }
 
-    pub(crate) fn load(&self, id: &str) -> Result<pb::Session, Status> {
+    /// The session `id`, if `caller` may see it (another tenant's is as unknown as none).
+    pub(crate) fn load(&self, id: &str, caller: &Caller) -> Result<pb::Session, Status> {
         checked_id(id)?;
         self.shared
             .store
             .get(id)
             .map_err(store_err)?
+            .filter(|s| caller.may_see(&s.owner))
             .ok_or_else(|| unknown_session(id))
     }
 
@@ -214,6 +226,24 @@ fn stop_strings(stop: Vec<String>) -> Result<Vec<String>, Status> {
     Ok(stop)
 }
 
+/// Puts the caller of each gRPC call into its request, or refuses it UNAUTHENTICATED.
+#[derive(Clone)]
+pub struct Authenticate(Arc<Shared>);
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(tokens) = &self.0.tokens {
+            let header = r
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            let caller = tokens.check(header)?;
+            r.extensions_mut().insert(caller);
+        }
+        Ok(r)
+    }
+}
+
 fn without_turns(mut s: pb::Session) -> pb::Session {
     s.turn_count = s.turns.len() as u32;
     s.turns.clear();
@@ -228,6 +258,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let roles = self.resolve_roles(r.roles, None)?;
         let policy = self.policy(r.policy)?;
@@ -265,6 +296,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             created_unix_ms: created,
             system: r.system,
             turns,
+            owner: caller.owner().to_string(),
             ..Default::default()
         };
         self.shared.store.put(&s).map_err(store_err)?;
@@ -275,21 +307,24 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let mut s = self.load(&request.into_inner().session_id)?;
+        let caller = Caller::of(&request);
+        let mut s = self.load(&request.into_inner().session_id, &caller)?;
         s.turn_count = s.turns.len() as u32;
         Ok(Response::new(s))
     }
 
     async fn list_sessions(
         &self,
-        _: Request<pb::ListSessionsRequest>,
+        request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = Caller::of(&request);
         let sessions = self
             .shared
             .store
             .list()
             .map_err(store_err)?
             .into_iter()
+            .filter(|s| caller.may_see(&s.owner))
             .map(without_turns)
             .collect();
         Ok(Response::new(pb::ListSessionsResponse { sessions }))
@@ -299,8 +334,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().session_id;
-        checked_id(&id)?;
+        self.load(&id, &caller)?;
         if self.shared.busy.lock().expect("busy lock").contains(&id) {
             return Err(Status::failed_precondition(format!(
                 "session `{id}` has a turn in progress: delete it when the turn ends"
@@ -316,8 +352,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::SetRolesRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
-        let mut s = self.load(&r.session_id)?;
+        let mut s = self.load(&r.session_id, &caller)?;
         let roles = self.resolve_roles(r.roles, s.roles.as_ref())?;
         s.roles = Some(roles);
         self.shared.store.put(&s).map_err(store_err)?;
@@ -330,6 +367,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::TurnRequest>,
     ) -> Result<Response<Self::TurnStream>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let message = r.message.trim().to_string();
         if message.is_empty() {
@@ -339,7 +377,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         }
         within("message", &message, self.shared.cfg.max_message_chars)?;
         let stop = stop_strings(r.stop)?;
-        let session = self.load(&r.session_id)?;
+        let session = self.load(&r.session_id, &caller)?;
         // Sessions store their policy resolved; older ones lack the newer fields (defaults).
         let session_policy = self.policy(session.policy)?;
         let policy = TurnPolicy::resolve(&r.policy.unwrap_or_default(), &session_policy)

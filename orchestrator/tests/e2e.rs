@@ -700,18 +700,26 @@ async fn documented_environment_configuration_and_reflection_work() {
     }
 }
 
-/// Plain HTTP GET of `url`'s body (enough for `/metrics`).
-async fn get(url: &str) -> String {
+/// Plain HTTP GET of `url` with `headers`: the whole response, status line first.
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> String {
     let url = url.strip_prefix("http://").unwrap();
     let (host, path) = url.split_once('/').unwrap();
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n{extra}\r\n").as_bytes())
         .await
         .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+async fn get(url: &str) -> String {
+    get_with(url, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -886,4 +894,127 @@ async fn mm_up_stopped_with_sigterm_stops_its_services() {
             "{a} still listens after mm up stopped"
         );
     }
+}
+
+/// `message` sent with `authorization: Bearer <token>`.
+fn as_holder<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = ("alice-token-0123456789", "bob-token-0123456789ab");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("alice {alice}\nbob {bob}\n")).unwrap();
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let orch = orchestrator_env(
+        &dir.path().join("s.redb"),
+        &[&m],
+        &md,
+        &[("MM_API_TOKENS_FILE", tokens.to_str().unwrap())],
+    );
+    let mut c = client(&orch).await;
+
+    // No token, a wrong one: UNAUTHENTICATED, saying what is missing. Reflection stays open.
+    let e = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("Bearer"), "{}", e.message());
+    let e = c
+        .list_sessions(as_holder("not-a-token-at-all", pb::ListSessionsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(!reflected(&orch.addr).await.0.is_empty());
+
+    // Alice's session is hers: Bob cannot list, read, re-role, run or delete it.
+    let s = c
+        .create_session(as_holder(alice, pb::CreateSessionRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.owner, "alice");
+    let listed = |token| {
+        let mut c = c.clone();
+        async move {
+            c.list_sessions(as_holder(token, pb::ListSessionsRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .len()
+        }
+    };
+    assert_eq!((listed(alice).await, listed(bob).await), (1, 0));
+    let id = s.id.clone();
+    let by_bob = [
+        c.get_session(as_holder(
+            bob,
+            pb::GetSessionRequest {
+                session_id: id.clone(),
+            },
+        ))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        c.set_roles(as_holder(
+            bob,
+            pb::SetRolesRequest {
+                session_id: id.clone(),
+                roles: None,
+            },
+        ))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        c.turn(as_holder(
+            bob,
+            pb::TurnRequest {
+                session_id: id.clone(),
+                message: "hello".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        c.delete_session(as_holder(
+            bob,
+            pb::DeleteSessionRequest {
+                session_id: id.clone(),
+            },
+        ))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+    ];
+    for e in by_bob {
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    }
+    assert!(c
+        .get_session(as_holder(alice, pb::GetSessionRequest { session_id: id }))
+        .await
+        .is_ok());
+
+    // The HTTP API takes the same tokens; /metrics stays open.
+    let http = orch.http.clone().unwrap();
+    let r = get(&format!("{http}/v1/models")).await;
+    let status = |r: &str| r.split_whitespace().nth(1).unwrap_or_default().to_string();
+    assert_eq!(status(&r), "401", "{r}");
+    assert!(r.contains(r#""type":"authentication_error""#), "{r}");
+    let bearer = format!("Bearer {bob}");
+    let r = get_with(
+        &format!("{http}/api/sessions"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert!(status(&r) == "200" && r.contains(r#""sessions":[]"#), "{r}");
+    assert_eq!(status(&get(&format!("{http}/metrics")).await), "200");
 }

@@ -6,7 +6,9 @@
 //! The reply is chosen among the turn's attempts once the majordomo has judged them, so a
 //! stream carries the dream live in `x_dream` and the reply's text at the end.
 
+use super::as_caller;
 use super::openai::{ApiError, ChatRequest, Message, Stop, Usage};
+use crate::auth::Caller;
 use crate::policy::TurnPolicy;
 use crate::render;
 use crate::service::OrchestratorService;
@@ -15,6 +17,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use mm_proto::orchestrator::v1 as pb;
 use pb::orchestrator_server::Orchestrator;
@@ -25,7 +28,6 @@ use std::convert::Infallible;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::Request;
 
 /// The header naming (and returning) the session a request continues.
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -226,6 +228,7 @@ fn named_session(headers: &HeaderMap, r: &ChatRequest) -> Result<Option<String>,
 /// ones), or a new one made from the earlier messages.
 async fn session(
     svc: &OrchestratorService,
+    caller: &Caller,
     id: Option<String>,
     model: &str,
     chat: &Conversation,
@@ -244,7 +247,7 @@ async fn session(
     };
     match id {
         Some(id) => {
-            let s = svc.load(&id).map_err(|e| {
+            let s = svc.load(&id, caller).map_err(|e| {
                 if e.code() == tonic::Code::NotFound {
                     ApiError::not_found(
                         "session_not_found",
@@ -256,24 +259,30 @@ async fn session(
             })?;
             match wanted {
                 Some(roles) if asks_other(&roles, &s.roles.clone().unwrap_or_default()) => {
-                    svc.set_roles(Request::new(pb::SetRolesRequest {
-                        session_id: id,
-                        roles: Some(roles),
-                    }))
+                    svc.set_roles(as_caller(
+                        caller,
+                        pb::SetRolesRequest {
+                            session_id: id,
+                            roles: Some(roles),
+                        },
+                    ))
                     .await
                     .map_err(unserved)?;
-                    svc.load(&s.id).map_err(ApiError::from)
+                    svc.load(&s.id, caller).map_err(ApiError::from)
                 }
                 _ => Ok(s),
             }
         }
         None => svc
-            .create_session(Request::new(pb::CreateSessionRequest {
-                roles: wanted,
-                policy: None,
-                system: chat.system.clone(),
-                history: chat.history.clone(),
-            }))
+            .create_session(as_caller(
+                caller,
+                pb::CreateSessionRequest {
+                    roles: wanted,
+                    policy: None,
+                    system: chat.system.clone(),
+                    history: chat.history.clone(),
+                },
+            ))
             .await
             .map(|r| r.into_inner())
             .map_err(unserved),
@@ -376,23 +385,27 @@ impl Answer {
 
 pub async fn completions(
     State(svc): State<OrchestratorService>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(r) = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
     let chat = conversation(&r.messages)?;
     let stop = stop_strings(&r.stop);
-    let s = session(&svc, named_session(&headers, &r)?, &r.model, &chat).await?;
+    let s = session(&svc, &caller, named_session(&headers, &r)?, &r.model, &chat).await?;
     let base = svc.policy(s.policy).map_err(ApiError::from)?;
     let policy = turn_policy(&base, &r)?;
     let events = svc
-        .turn(Request::new(pb::TurnRequest {
-            session_id: s.id.clone(),
-            message: chat.message.clone(),
-            verbosity: pb::Verbosity::Full as i32,
-            policy: Some(policy.to_pb()),
-            stop,
-        }))
+        .turn(as_caller(
+            &caller,
+            pb::TurnRequest {
+                session_id: s.id.clone(),
+                message: chat.message.clone(),
+                verbosity: pb::Verbosity::Full as i32,
+                policy: Some(policy.to_pb()),
+                stop,
+            },
+        ))
         .await
         .map_err(ApiError::from)?
         .into_inner();

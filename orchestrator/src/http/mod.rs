@@ -3,18 +3,23 @@
 //! web view at `/` ([`web`]) and Prometheus `GET /metrics`. It calls the gRPC service's methods in-process, so both APIs
 //! share one validation, one store and one turn pipeline.
 //!
-//! Authentication is not built yet: any `Authorization` header is accepted and ignored.
+//! With tokens configured (`auth`), the API needs `Authorization: Bearer <token>` — the same
+//! tokens as the gRPC API — and each tenant sees its own sessions only.
 
 pub mod chat;
 pub mod openai;
 pub mod web;
 
+use crate::auth::Caller;
 use crate::service::OrchestratorService;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::Router;
+use openai::ApiError;
 
 /// Largest request body (a chat with its history).
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -34,20 +39,55 @@ async fn count(
     response
 }
 
+/// Puts the caller into the request, or answers 401 when tokens are configured and the
+/// request has none that fits.
+async fn authenticate(
+    State(svc): State<OrchestratorService>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let caller = match &svc.shared().tokens {
+        None => Caller::Anyone,
+        Some(tokens) => {
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match tokens.check(header) {
+                Ok(c) => c,
+                Err(s) => return ApiError::from(s).into_response(),
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// A request to the gRPC service's methods, made by `caller`.
+pub(crate) fn as_caller<T>(caller: &Caller, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.extensions_mut().insert(caller.clone());
+    r
+}
+
 pub fn router(svc: OrchestratorService) -> Router {
     let registry = svc.shared().metrics.registry.clone();
-    Router::new()
+    // The page's files, and /metrics, are open like health checks; the API is not.
+    let open = Router::new()
         .route("/", get(web::index))
         .route("/app.js", get(web::script))
         .route("/style.css", get(web::style))
+        .merge(mm_kit::metrics::router(registry));
+    let api = Router::new()
         .route("/api/models", get(web::models))
         .route("/api/sessions", get(web::sessions).post(web::create))
         .route("/api/sessions/{id}", get(web::session))
         .route("/api/sessions/{id}/roles", put(web::set_roles))
         .route("/v1/models", get(chat::models))
         .route("/v1/chat/completions", post(chat::completions))
-        .with_state(svc.clone())
-        .merge(mm_kit::metrics::router(registry))
+        .route_layer(middleware::from_fn_with_state(svc.clone(), authenticate))
+        .with_state(svc.clone());
+    open.merge(api)
         .route_layer(middleware::from_fn_with_state(svc, count))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }

@@ -3,18 +3,19 @@
 //! turns through: the sessions, one session's stored transcript, the models each role can
 //! take, and setting a session's roles.
 
+use super::as_caller;
 use super::openai::ApiError;
+use crate::auth::Caller;
 use crate::render;
 use crate::service::OrchestratorService;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use mm_proto::orchestrator::v1 as pb;
 use pb::orchestrator_server::Orchestrator;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tonic::Request;
 
 const INDEX: &str = include_str!("web/index.html");
 const SCRIPT: &str = include_str!("web/app.js");
@@ -41,13 +42,16 @@ pub async fn models(State(svc): State<OrchestratorService>) -> Json<Value> {
     Json(json!({"muse": s.muse.models(), "majordomo": s.majordomo.models()}))
 }
 
-pub async fn sessions(State(svc): State<OrchestratorService>) -> Result<Json<Value>, ApiError> {
+/// The caller's sessions, newest first.
+pub async fn sessions(
+    State(svc): State<OrchestratorService>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     let list = svc
-        .list_sessions(Request::new(pb::ListSessionsRequest {}))
+        .list_sessions(as_caller(&caller, pb::ListSessionsRequest {}))
         .await?
         .into_inner();
-    let mut sessions: Vec<Value> = list.sessions.iter().map(render::session_json).collect();
-    sessions.reverse(); // newest first
+    let sessions: Vec<Value> = list.sessions.iter().map(render::session_json).collect();
     Ok(Json(json!({ "sessions": sessions })))
 }
 
@@ -70,14 +74,18 @@ impl From<Roles> for pb::Roles {
 
 pub async fn create(
     State(svc): State<OrchestratorService>,
+    Extension(caller): Extension<Caller>,
     body: Option<Json<Roles>>,
 ) -> Result<Json<Value>, ApiError> {
     let roles = body.map(|Json(r)| r).unwrap_or_default();
     let s = svc
-        .create_session(Request::new(pb::CreateSessionRequest {
-            roles: Some(roles.into()),
-            ..Default::default()
-        }))
+        .create_session(as_caller(
+            &caller,
+            pb::CreateSessionRequest {
+                roles: Some(roles.into()),
+                ..Default::default()
+            },
+        ))
         .await?
         .into_inner();
     Ok(Json(render::session_json(&s)))
@@ -85,10 +93,11 @@ pub async fn create(
 
 pub async fn session(
     State(svc): State<OrchestratorService>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let s = svc
-        .get_session(Request::new(pb::GetSessionRequest { session_id: id }))
+        .get_session(as_caller(&caller, pb::GetSessionRequest { session_id: id }))
         .await?
         .into_inner();
     Ok(Json(render::session_json(&s)))
@@ -96,14 +105,18 @@ pub async fn session(
 
 pub async fn set_roles(
     State(svc): State<OrchestratorService>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Json(roles): Json<Roles>,
 ) -> Result<Json<Value>, ApiError> {
     let s = svc
-        .set_roles(Request::new(pb::SetRolesRequest {
-            session_id: id,
-            roles: Some(roles.into()),
-        }))
+        .set_roles(as_caller(
+            &caller,
+            pb::SetRolesRequest {
+                session_id: id,
+                roles: Some(roles.into()),
+            },
+        ))
         .await?
         .into_inner();
     Ok(Json(render::session_json(&s)))

@@ -22,8 +22,19 @@ function svg(tag, attrs, text) {
   return e;
 }
 
-async function api(path, options) {
-  const r = await fetch(path, options);
+// The bearer token, when the orchestrator asks for one (401): kept in this browser.
+function authorization() {
+  const t = localStorage.getItem("mm-token");
+  return t ? { authorization: `Bearer ${t}` } : {};
+}
+
+function askForToken() {
+  $("token-box").hidden = false;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authorization() } });
+  if (r.status === 401) askForToken();
   const body = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error((body.error && body.error.message) || `${r.status} ${r.statusText}`);
   return body;
@@ -356,10 +367,11 @@ async function send(event) {
 async function stream(id, message, turn) {
   const r = await fetch("/v1/chat/completions", {
     method: "POST",
-    headers: { "content-type": "application/json", "x-session-id": id },
+    headers: { "content-type": "application/json", "x-session-id": id, ...authorization() },
     body: JSON.stringify({ messages: [{ role: "user", content: message }], stream: true }),
   });
   if (!r.ok) {
+    if (r.status === 401) askForToken();
     const body = await r.json().catch(() => ({}));
     turn.error((body.error && body.error.message) || `${r.status} ${r.statusText}`);
     return;
@@ -435,6 +447,10 @@ $("message").addEventListener("keydown", (e) => {
 });
 $("new-session").onclick = () => newSession().catch((e) => alert(e.message));
 $("swap-roles").onclick = swapRoles;
+$("token-save").onclick = () => {
+  localStorage.setItem("mm-token", $("token").value.trim());
+  location.reload();
+};
 $("apply-roles").onclick = applyRoles;
 $("results-file").onchange = async (e) => {
   const file = e.target.files[0];
