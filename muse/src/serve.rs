@@ -28,6 +28,8 @@ pub struct ServeConfig {
     pub compute_slots: usize,
     /// Address of Prometheus `GET /metrics`; none: no metrics listener.
     pub metrics: Option<String>,
+    /// Seconds a session may go without a command before it is closed.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for ServeConfig {
@@ -42,6 +44,7 @@ impl Default for ServeConfig {
             kv_memory_mb: 2048,
             compute_slots: 1,
             metrics: None,
+            idle_timeout_s: 300,
         }
     }
 }
@@ -57,6 +60,8 @@ pub struct ServeFlags {
     pub kv_memory_mb: Option<usize>,
     #[arg(long)]
     pub compute_slots: Option<usize>,
+    #[arg(long)]
+    pub idle_timeout_s: Option<u64>,
 }
 
 impl ServeConfig {
@@ -72,7 +77,8 @@ impl ServeConfig {
             .overrides
             .set("max_sessions", n(flags.max_sessions))
             .set("kv_memory_mb", n(flags.kv_memory_mb))
-            .set("compute_slots", n(flags.compute_slots));
+            .set("compute_slots", n(flags.compute_slots))
+            .set("idle_timeout_s", flags.idle_timeout_s);
         let cfg: Self = config::load(sources)?;
         cfg.validate()?;
         Ok(cfg)
@@ -96,6 +102,9 @@ impl ServeConfig {
         if self.compute_slots == 0 {
             return bad("compute_slots must be at least 1".into());
         }
+        if self.idle_timeout_s == 0 {
+            return bad("idle_timeout_s must be at least 1".into());
+        }
         if self.threads == Some(0) {
             return bad("threads must be at least 1".into());
         }
@@ -114,6 +123,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         max_sessions: cfg.max_sessions,
         kv_memory_bytes: cfg.kv_memory_mb << 20,
         compute_slots: cfg.compute_slots,
+        idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_s),
     };
     if lm.model.is_fused() && cfg.compute_slots == 1 {
         tracing::warn!(

@@ -28,6 +28,8 @@ pub struct Limits {
     pub kv_memory_bytes: usize,
     /// Commands that may run model work at once (1 on a small CPU box).
     pub compute_slots: usize,
+    /// A session that sends no command for this long is closed (its slot and KV freed).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// What a session shows through `SessionStatus`, updated after every command.
@@ -203,10 +205,31 @@ fn run_session(
 ) {
     let lm: &LoadedModel = &shared.lm;
     let mut session = DreamSession::new(lm);
-    while let Some(msg) = commands.blocking_recv() {
+    let idle = shared.limits.idle_timeout;
+    loop {
+        let msg = match runtime.block_on(tokio::time::timeout(idle, commands.recv())) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return, // the client closed its stream
+            Err(_) => {
+                let s = Status::deadline_exceeded(format!(
+                    "no command for {} s: the session is closed (idle_timeout_s)",
+                    idle.as_secs()
+                ));
+                let _ = out.blocking_send(Ok(error_event(0, &s)));
+                return;
+            }
+        };
         let cmd = match msg {
             Ok(c) => c,
-            Err(_) => return, // the client's stream broke
+            Err(e) => {
+                // A frame that does not decode, or a broken stream: say so, then stop.
+                let s = Status::invalid_argument(format!(
+                    "a command could not be read ({:?}): the session is closed",
+                    e.code()
+                ));
+                let _ = out.blocking_send(Ok(error_event(0, &s)));
+                return;
+            }
         };
         let rid = cmd.request_id;
         let Some(command) = cmd.command else {

@@ -358,3 +358,29 @@ async fn the_kv_memory_bound_refuses_what_would_pass_it() {
         Some(E::Primed(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_with_a_reason_and_frees_its_slot() {
+    let server = start(&["--idle-timeout-s", "1", "--max-sessions", "1"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ClientCommand>(1);
+    let mut events = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().and_then(|e| e.event);
+    assert!(matches!(first, Some(E::Started(_))), "{first:?}");
+    // Send nothing: the next event is the idle error, then the stream ends.
+    let Some(E::Error(e)) = events.message().await.unwrap().and_then(|e| e.event) else {
+        panic!("expected the idle error");
+    };
+    assert_eq!(tonic::Code::from(e.code), tonic::Code::DeadlineExceeded);
+    assert!(e.message.contains("idle_timeout_s"), "{}", e.message);
+    assert!(events.message().await.unwrap().is_none());
+    drop(tx);
+    // The one slot is free again.
+    let mut s = Session::open(&mut client).await.unwrap();
+    let primed = s.run(chat("hello")).await;
+    assert!(matches!(primed.last(), Some(E::Primed(_))), "{primed:?}");
+}
