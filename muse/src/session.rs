@@ -11,6 +11,11 @@ use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedM
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// Characters of a checkpoint name.
+const MAX_CHECKPOINT_CHARS: usize = 64;
+/// Checkpoint names an unknown-checkpoint error lists.
+const KNOWN_SHOWN: usize = 8;
+
 /// A named point to rewind to.
 #[derive(Debug, Clone)]
 struct Checkpoint {
@@ -136,10 +141,10 @@ impl<'m> DreamSession<'m> {
 
     /// Names the current position.
     pub fn checkpoint(&mut self, name: &str) -> lm::Result<()> {
-        if name.is_empty() {
-            return Err(LmError::InvalidInput(
-                "checkpoint name must not be empty".into(),
-            ));
+        if name.is_empty() || name.chars().count() > MAX_CHECKPOINT_CHARS {
+            return Err(LmError::InvalidInput(format!(
+                "checkpoint name must have 1 to {MAX_CHECKPOINT_CHARS} characters"
+            )));
         }
         let cp = self.snapshot()?;
         self.checkpoints.insert(name.to_string(), cp);
@@ -157,11 +162,15 @@ impl<'m> DreamSession<'m> {
     /// pending burst is abandoned.
     pub fn rewind(&mut self, name: &str) -> lm::Result<usize> {
         let cp = self.checkpoints.get(name).cloned().ok_or_else(|| {
-            let mut known: Vec<&str> = self.checkpoints.keys().map(String::as_str).collect();
-            known.sort();
+            // Bounded: a prefix of the name asked for, and the first few names known.
+            let asked: String = name.chars().take(MAX_CHECKPOINT_CHARS).collect();
+            let known = self.checkpoint_names();
+            let shown = known.len().min(KNOWN_SHOWN);
             LmError::InvalidInput(format!(
-                "unknown checkpoint `{name}` (known: {})",
-                known.join(", ")
+                "unknown checkpoint `{asked}` ({} known: {}{})",
+                known.len(),
+                known[..shown].join(", "),
+                if known.len() > shown { ", …" } else { "" }
             ))
         })?;
         if cp.position > self.cache.len() {

@@ -275,6 +275,18 @@ fn think_commits_and_rewind_manage_the_context() {
         e.contains("unknown checkpoint `nope`") && e.contains(PRIMED),
         "{e}"
     );
+    // Errors stay small: a huge name is neither stored nor echoed, and a long list of
+    // checkpoints is cut short.
+    let huge = "x".repeat(1 << 20);
+    assert!(s.checkpoint(&huge).is_err());
+    for i in 0..40 {
+        s.checkpoint(&format!("cp{i:02}")).unwrap();
+    }
+    let e = s.rewind(&huge).unwrap_err().to_string();
+    assert!(
+        e.len() < 1024 && e.contains("known") && e.contains('…'),
+        "{e}"
+    );
 }
 
 #[test]
