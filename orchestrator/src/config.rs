@@ -1,6 +1,7 @@
 //! Orchestrator configuration: `Config::default()` (the defaults, in one place), then a TOML
 //! file, then `MM_*` environment (`MM_LISTEN`, `MM_POLICY__STEPS`, `MM_MUSE=a,b`), then flags.
 
+use crate::ceiling::Ceiling;
 use crate::policy::TurnPolicy;
 use mm_kit::config::{self, ConfigError, Overrides, Sources};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,9 @@ pub struct Config {
     /// `<tenant> <token>` lines. Neither: the client API is open.
     pub api_token: Option<String>,
     pub api_tokens_file: Option<PathBuf>,
+    /// What every caller may ask for; `tenant_ceilings.<tenant>` replaces it for one tenant.
+    pub ceiling: Ceiling,
+    pub tenant_ceilings: HashMap<String, Ceiling>,
 }
 
 impl Default for Config {
@@ -57,6 +61,8 @@ impl Default for Config {
             health_interval_s: 2,
             api_token: None,
             api_tokens_file: None,
+            ceiling: Ceiling::default(),
+            tenant_ceilings: HashMap::new(),
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod attempt;
 pub mod auth;
 pub mod bench;
+pub mod ceiling;
 pub mod config;
 pub mod critic;
 pub mod failover;

@@ -1,6 +1,7 @@
 //! The client API (`orchestrator.v1.Orchestrator`).
 
 use crate::auth::{Caller, Tokens};
+use crate::ceiling::Ceiling;
 use crate::config::Config;
 use crate::history;
 use crate::metrics::Metrics;
@@ -163,6 +164,12 @@ impl OrchestratorService {
         })
     }
 
+    /// The ceiling `caller` is under.
+    fn ceiling(&self, caller: &Caller) -> &Ceiling {
+        let cfg = &self.shared.cfg;
+        Ceiling::of(caller, &cfg.ceiling, &cfg.tenant_ceilings)
+    }
+
     /// The policy a request asks for, completed with the configured defaults.
     pub(crate) fn policy(&self, p: Option<pb::DreamPolicy>) -> Result<TurnPolicy, Status> {
         TurnPolicy::resolve(&p.unwrap_or_default(), &self.shared.cfg.policy)
@@ -262,6 +269,19 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let r = request.into_inner();
         let roles = self.resolve_roles(r.roles, None)?;
         let policy = self.policy(r.policy)?;
+        let ceiling = self.ceiling(&caller);
+        ceiling.check(&policy)?;
+        if ceiling.sessions.is_some() {
+            let held = self
+                .shared
+                .store
+                .list()
+                .map_err(store_err)?
+                .iter()
+                .filter(|s| s.owner == caller.owner())
+                .count();
+            ceiling.check_sessions(held)?;
+        }
         let max = self.shared.cfg.max_message_chars;
         within("system", &r.system, max)?;
         if r.history.len() > MAX_HISTORY {
@@ -382,6 +402,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let session_policy = self.policy(session.policy)?;
         let policy = TurnPolicy::resolve(&r.policy.unwrap_or_default(), &session_policy)
             .map_err(|e| Status::invalid_argument(format!("policy: {e}")))?;
+        self.ceiling(&caller).check(&policy)?;
         let permit = self.shared.turns.clone().try_acquire_owned().map_err(|_| {
             let mut s = Status::resource_exhausted(format!(
                 "{} turns are running (max_turns): retry in a few seconds",

@@ -916,7 +916,11 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
         &dir.path().join("s.redb"),
         &[&m],
         &md,
-        &[("MM_API_TOKENS_FILE", tokens.to_str().unwrap())],
+        &[
+            ("MM_API_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("MM_CEILING__SESSIONS", "1"),
+            ("MM_TENANT_CEILINGS__BOB__STEPS", "2"),
+        ],
     );
     let mut c = client(&orch).await;
 
@@ -941,6 +945,32 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
         .unwrap()
         .into_inner();
     assert_eq!(s.owner, "alice");
+    // Ceilings: one session each under the common one; Bob's own allows 2 steps, no more.
+    let e = c
+        .create_session(as_holder(alice, pb::CreateSessionRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let steps = |n| pb::CreateSessionRequest {
+        policy: Some(pb::DreamPolicy {
+            steps: Some(n),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = c
+        .create_session(as_holder(bob, steps(3)))
+        .await
+        .unwrap_err();
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("policy.steps = 3"),
+        "{e:?}"
+    );
+    let bobs = c
+        .create_session(as_holder(bob, steps(2)))
+        .await
+        .unwrap()
+        .into_inner();
     let listed = |token| {
         let mut c = c.clone();
         async move {
@@ -952,7 +982,7 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
                 .len()
         }
     };
-    assert_eq!((listed(alice).await, listed(bob).await), (1, 0));
+    assert_eq!((listed(alice).await, listed(bob).await), (1, 1));
     let id = s.id.clone();
     let by_bob = [
         c.get_session(as_holder(
@@ -1015,6 +1045,9 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
         &[("authorization", &bearer)],
     )
     .await;
-    assert!(status(&r) == "200" && r.contains(r#""sessions":[]"#), "{r}");
+    assert!(
+        status(&r) == "200" && r.contains(&bobs.id) && !r.contains(&s.id),
+        "{r}"
+    );
     assert_eq!(status(&get(&format!("{http}/metrics")).await), "200");
 }
