@@ -207,26 +207,23 @@ fn run_session(
     let mut session = DreamSession::new(lm);
     let idle = shared.limits.idle_timeout;
     loop {
-        let msg = match runtime.block_on(tokio::time::timeout(idle, commands.recv())) {
-            Ok(Some(msg)) => msg,
+        // Why the session ends, when it ends on the server's side: told in a last event.
+        let ended = match runtime.block_on(tokio::time::timeout(idle, commands.recv())) {
+            Ok(Some(Ok(c))) => Ok(c),
             Ok(None) => return, // the client closed its stream
-            Err(_) => {
-                let s = Status::deadline_exceeded(format!(
-                    "no command for {} s: the session is closed (idle_timeout_s)",
-                    idle.as_secs()
-                ));
-                let _ = out.blocking_send(Ok(error_event(0, &s)));
-                return;
-            }
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no command for {} s: the session is closed (idle_timeout_s)",
+                idle.as_secs()
+            ))),
+            // A frame that does not decode, or a broken stream.
+            Ok(Some(Err(e))) => Err(Status::invalid_argument(format!(
+                "a command could not be read ({:?}): the session is closed",
+                e.code()
+            ))),
         };
-        let cmd = match msg {
+        let cmd = match ended {
             Ok(c) => c,
-            Err(e) => {
-                // A frame that does not decode, or a broken stream: say so, then stop.
-                let s = Status::invalid_argument(format!(
-                    "a command could not be read ({:?}): the session is closed",
-                    e.code()
-                ));
+            Err(s) => {
                 let _ = out.blocking_send(Ok(error_event(0, &s)));
                 return;
             }

@@ -700,6 +700,27 @@ async fn documented_environment_configuration_and_reflection_work() {
     }
 }
 
+/// Runs the Python peer `tests/<script>` with `args`; it must succeed and print one JSON line
+/// of what it found.
+async fn peer(script: &str, args: Vec<String>) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(mm_kit::peers::python().unwrap())
+            .arg(path)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{script}: {stdout}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 /// Plain HTTP GET of `url` with `headers`: the whole response, status line first.
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> String {
     let url = url.strip_prefix("http://").unwrap();
@@ -745,20 +766,7 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
         .http
         .clone()
         .expect("the orchestrator announces its HTTP API");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(mm_kit::peers::python().unwrap())
-            .arg(script)
-            .arg(&http)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "openai_client.py: {stdout}");
-    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let found = peer("openai_client.py", vec![http]).await;
 
     // What the client saw is what the store holds: one session, its instructions, two turns.
     let mut c = client(&orch).await;
@@ -813,24 +821,7 @@ async fn the_web_view_shows_a_turn_dream_live_and_again_after_a_reload() {
         .expect("the orchestrator announces its HTTP API");
     // The screenshot is the test's artifact: look at it.
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-view.png");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser.py");
-    let out = tokio::task::spawn_blocking({
-        let shot = shot.clone();
-        move || {
-            Command::new(mm_kit::peers::python().unwrap())
-                .arg(script)
-                .arg(&http)
-                .arg(&shot)
-                .stderr(Stdio::inherit())
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser.py: {stdout}");
-    let found: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let found = peer("browser.py", vec![http, shot.display().to_string()]).await;
     assert!(found["steps"].as_u64().unwrap() >= 1, "{found}");
     let png = std::fs::read(&shot).unwrap();
     assert!(

@@ -33,10 +33,17 @@ use tokio_stream::StreamExt;
 pub const SESSION_HEADER: &str = "x-session-id";
 /// Longest model id or policy knob name quoted back in an error.
 const QUOTE_CHARS: usize = 64;
+/// Longest parser message passed on (it may quote the client's value).
+const ERROR_CHARS: usize = 200;
 
 /// At most `QUOTE_CHARS` of `s`, for messages that name what the client sent.
 fn quote(s: &str) -> String {
-    let mut q: String = s.chars().take(QUOTE_CHARS).collect();
+    prefix(s, QUOTE_CHARS)
+}
+
+/// At most `n` characters of `s`, an ellipsis marking a cut.
+fn prefix(s: &str, n: usize) -> String {
+    let mut q: String = s.chars().take(n).collect();
     if q.len() < s.len() {
         q.push('…');
     }
@@ -185,22 +192,16 @@ fn turn_policy(base: &TurnPolicy, r: &ChatRequest) -> Result<TurnPolicy, ApiErro
         }
         p.insert(k.clone(), v.clone());
     }
-    let policy: TurnPolicy = serde_json::from_value(Value::Object(p))
-        .map_err(|e| ApiError::bad_request("dream", format!("dream: {}", quote_error(&e))))?;
+    let policy: TurnPolicy = serde_json::from_value(Value::Object(p)).map_err(|e| {
+        ApiError::bad_request(
+            "dream",
+            format!("dream: {}", prefix(&e.to_string(), ERROR_CHARS)),
+        )
+    })?;
     policy
         .validate()
         .map_err(|e| ApiError::bad_request("dream", e.to_string()))?;
     Ok(policy)
-}
-
-/// A serde error, bounded (it may quote the client's value).
-fn quote_error(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    let mut q: String = s.chars().take(200).collect();
-    if q.len() < s.len() {
-        q.push('…');
-    }
-    q
 }
 
 fn stop_strings(stop: &Option<Stop>) -> Vec<String> {
