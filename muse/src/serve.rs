@@ -184,6 +184,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("listen"));
+        let bad = ServeFlags {
+            service: ModelServiceFlags {
+                metrics: Some("nowhere".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = ServeConfig::load(&bad, config::environment(&[])).unwrap_err();
+        assert!(e.to_string().contains("metrics = `nowhere`"), "{e}");
     }
 
     #[test]

@@ -539,3 +539,28 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stop_strings_and_long_fields_are_refused_naming_what_to_fix() {
+        assert!(checked_id(&"a".repeat(32)).is_ok());
+        let e = checked_id("").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = checked_id(&"x".repeat(1 << 20)).unwrap_err();
+        assert!(e.message().contains("longer than 128") && e.message().len() < 200);
+        assert!(stop_strings(vec!["\n\n".into()]).is_ok());
+        let e = stop_strings(vec!["a".into(); 5]).unwrap_err();
+        assert!(e.message().contains("at most 4"), "{}", e.message());
+        let e = stop_strings(vec![String::new()]).unwrap_err();
+        assert!(
+            e.message().contains("1 to 64 characters"),
+            "{}",
+            e.message()
+        );
+        let e = within("history[3].user", &"y".repeat(11), 10).unwrap_err();
+        assert_eq!(e.message(), "history[3].user is longer than 10 characters");
+    }
+}

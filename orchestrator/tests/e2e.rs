@@ -783,7 +783,7 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
     assert_eq!(s.turns[1].reply, found["second"]["text"].as_str().unwrap());
     assert_eq!(
         found["errors"].as_array().map(|e| e.len()),
-        Some(2),
+        Some(3),
         "{found}"
     );
 

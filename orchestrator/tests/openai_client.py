@@ -123,6 +123,11 @@ for name, call, want in [
         ),
         openai.NotFoundError,
     ),
+    (
+        "an unknown model",
+        lambda: client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hello"}]),
+        openai.NotFoundError,
+    ),
 ]:
     try:
         call()
