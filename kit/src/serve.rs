@@ -6,12 +6,25 @@
 
 use crate::metrics::GrpcRequests;
 use tonic::service::Routes;
+use tonic::transport::Server;
 use tonic_reflection::server::Builder;
 
 const HEALTH: &str = "grpc.health.v1.Health";
 
 /// Binds `listen` (port 0 picks a free port) and serves `routes` as `service_name`.
 pub async fn serve(
+    listen: &str,
+    service_name: &str,
+    routes: Routes,
+    requests: GrpcRequests,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_on(Server::builder(), listen, service_name, routes, requests).await
+}
+
+/// [`serve`] on a server the caller configured: the orchestrator's client API adds TLS there,
+/// so this crate, and the model services, need no TLS of their own.
+pub async fn serve_on(
+    server: Server,
     listen: &str,
     service_name: &str,
     routes: Routes,
@@ -31,7 +44,7 @@ pub async fn serve(
         .add_service(v1)
         .add_service(v1alpha);
     println!("listening on {addr}");
-    tonic::transport::Server::builder()
+    server
         .layer(requests)
         .add_routes(routes)
         .serve_with_incoming_shutdown(

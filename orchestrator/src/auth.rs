@@ -137,12 +137,24 @@ pub type Client = mm_proto::orchestrator::v1::orchestrator_client::OrchestratorC
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
 >;
 
-/// Connects to the orchestrator at `addr` as the holder of `MM_API_TOKEN` (if set).
+/// Connects to the orchestrator at `addr` as the holder of `MM_API_TOKEN` (if set); an
+/// `https://` address over TLS, trusting `MM_TLS_CA` when set ([`crate::tls::client_config`]).
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())?;
+    if endpoint.uri().scheme_str() == Some("https") {
+        endpoint = endpoint.tls_config(crate::tls::client_config()?)?;
+    }
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to the orchestrator at {addr}: {e}"))?;
+        // tonic says "transport error"; why (refused, an unknown issuer) is its root cause.
+        .map_err(|e| {
+            let e = anyhow::Error::new(e);
+            anyhow::anyhow!(
+                "connecting to the orchestrator at {addr}: {}",
+                e.root_cause()
+            )
+        })?;
     Ok(
         mm_proto::orchestrator::v1::orchestrator_client::OrchestratorClient::with_interceptor(
             channel,

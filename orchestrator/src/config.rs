@@ -39,6 +39,11 @@ pub struct Config {
     /// `<tenant> <token>` lines. Neither: the client API is open.
     pub api_token: Option<String>,
     pub api_tokens_file: Option<PathBuf>,
+    /// The client API's certificate chain and private key, PEM files (`MM_TLS_CERT`,
+    /// `MM_TLS_KEY`): with both, the gRPC and HTTP APIs speak TLS only. Neither: plain text,
+    /// for loopback or behind a TLS-terminating proxy.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// What every caller may ask for; `tenant_ceilings.<tenant>` replaces it for one tenant.
     pub ceiling: Ceiling,
     pub tenant_ceilings: HashMap<String, Ceiling>,
@@ -61,6 +66,8 @@ impl Default for Config {
             health_interval_s: 2,
             api_token: None,
             api_tokens_file: None,
+            tls_cert: None,
+            tls_key: None,
             ceiling: Ceiling::default(),
             tenant_ceilings: HashMap::new(),
         }
@@ -89,12 +96,19 @@ pub struct Flags {
     pub max_turns: Option<usize>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// The client API's certificate chain (PEM); with `--tls-key`, both APIs speak TLS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
     /// Defaults, file, `MM_*` (`env`: the process environment when `None`), flags; validated.
     pub fn load(flags: &Flags, env: Option<HashMap<String, String>>) -> Result<Self, ConfigError> {
         let list = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         let cfg: Self = config::load(Sources {
             prefix: "MM",
             file: flags.config.as_deref(),
@@ -103,13 +117,12 @@ impl Config {
             overrides: Overrides::default()
                 .set("listen", flags.listen.clone())
                 .set("http", flags.http.clone())
-                .set(
-                    "store",
-                    flags.store.as_ref().map(|p| p.display().to_string()),
-                )
+                .set("store", path(&flags.store))
                 .set("muse", list(&flags.muse))
                 .set("majordomo", list(&flags.majordomo))
                 .set("max_turns", flags.max_turns.map(|x| x as u64))
+                .set("tls_cert", path(&flags.tls_cert))
+                .set("tls_key", path(&flags.tls_key))
                 .set("policy.max_attempts", flags.max_attempts.map(|x| x as u64)),
         })?;
         cfg.validate()?;
@@ -135,6 +148,21 @@ impl Config {
             return bad(format!(
                 "replica `{e}` must be a URL like http://127.0.0.1:50051"
             ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return bad(
+                    "tls_cert is set but tls_key is not: TLS needs both (--tls-key, MM_TLS_KEY)"
+                        .into(),
+                )
+            }
+            (None, Some(_)) => {
+                return bad(
+                    "tls_key is set but tls_cert is not: TLS needs both (--tls-cert, MM_TLS_CERT)"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if self.max_turns == 0 || self.per_replica == 0 {
             return bad("max_turns and per_replica must be >= 1".into());
@@ -198,5 +226,17 @@ mod tests {
         let e =
             Config::load(&Flags::default(), environment(&[("MM_POLICY__STEPS", "0")])).unwrap_err();
         assert!(e.to_string().contains("policy.steps"), "{e}");
+        let c = Config::load(
+            &Flags::default(),
+            environment(&[("MM_TLS_CERT", "c.pem"), ("MM_TLS_KEY", "k.pem")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tls_cert, c.tls_key),
+            (Some("c.pem".into()), Some("k.pem".into()))
+        );
+        let e =
+            Config::load(&Flags::default(), environment(&[("MM_TLS_KEY", "k.pem")])).unwrap_err();
+        assert!(e.to_string().contains("tls_cert is not"), "{e}");
     }
 }

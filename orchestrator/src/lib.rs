@@ -3,7 +3,7 @@
 //!
 //! A turn: [`turn`] runs [`attempt`]s (one muse session each) under the session's
 //! [`policy`], each judged by the [`critic`], on replicas leased with [`failover`]; the muse
-//! is primed with the [`history`] window.
+//! is primed with the [`history`] window. [`auth`] and [`tls`] guard the client API.
 
 pub mod attempt;
 pub mod auth;
@@ -21,4 +21,5 @@ pub mod render;
 pub mod replicas;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod turn;

@@ -54,6 +54,10 @@ fn spawn(
     let path = dir.join(bin);
     let mut child = Command::new(&path)
         .args(args)
+        // Loopback services this process talks to itself: plain, whatever TLS the shell sets
+        // for a real deployment (the announced address is `http://`).
+        .env_remove("MM_TLS_CERT")
+        .env_remove("MM_TLS_KEY")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::policy::TurnPolicy;
 use crate::replicas::{Pool, Role};
 use crate::store::Store;
+use crate::tls::ServerTls;
 use crate::turn::{self, TurnContext};
 use mm_proto::orchestrator::v1 as pb;
 use std::collections::HashSet;
@@ -518,19 +519,30 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
     }
 }
 
-/// Serves the orchestrator's gRPC and HTTP APIs until ctrl-c. Prints `http on <addr>`, then
-/// `listening on <addr>` (gRPC) on stdout once ready.
+/// Serves the orchestrator's gRPC and HTTP APIs until ctrl-c, over TLS when `tls_cert` and
+/// `tls_key` are set. Prints `http on <addr>`, then `listening on <addr>` (gRPC) on stdout once
+/// ready.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (listen, http) = (cfg.listen.clone(), cfg.http.clone());
+    // Before anything starts: a bad certificate stops the service rather than a handshake.
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::load(cert, key)?),
+        _ => None,
+    };
     let service = OrchestratorService::new(cfg)?;
     service.start_health_checks().await;
-    let http = crate::http::serve(&http, service.clone())
+    let http = crate::http::serve(&http, service.clone(), tls.as_ref().map(|t| t.http.clone()))
         .await
         .map_err(|e| anyhow::anyhow!("the HTTP API cannot listen on {http}: {e}"))?;
     println!("http on {http}");
-    tracing::info!(listen, %http, "orchestrator serving");
+    tracing::info!(listen, %http, tls = tls.is_some(), "orchestrator serving");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.grpc)?;
+    }
     let requests = service.shared().metrics.grpc.clone();
-    mm_kit::serve::serve(
+    mm_kit::serve::serve_on(
+        server,
         &listen,
         "orchestrator.v1.Orchestrator",
         tonic::service::Routes::new(service.into_server()),

@@ -3,6 +3,8 @@
 //! web view at `/` ([`web`]) and Prometheus `GET /metrics`. It calls the gRPC service's methods in-process, so both APIs
 //! share one validation, one store and one turn pipeline.
 //!
+//! With `tls_cert` and `tls_key` configured it speaks HTTPS only ([`crate::tls`]).
+//!
 //! With tokens configured (`auth`), the API needs `Authorization: Bearer <token>` — the same
 //! tokens as the gRPC API — and each tenant sees its own sessions only.
 
@@ -12,6 +14,7 @@ pub mod web;
 
 use crate::auth::Caller;
 use crate::service::OrchestratorService;
+use crate::tls::TlsListener;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
@@ -20,6 +23,8 @@ use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::Router;
 use openai::ApiError;
+use std::sync::Arc;
+use tokio_rustls::rustls::ServerConfig;
 
 /// Largest request body (a chat with its history).
 const MAX_BODY_BYTES: usize = 4 << 20;
@@ -92,17 +97,25 @@ pub fn router(svc: OrchestratorService) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
-/// Binds `listen` and serves the HTTP API in the background; returns the bound address.
+/// Binds `listen` and serves the HTTP API in the background, over TLS with `tls`; returns the
+/// bound address.
 pub async fn serve(
     listen: &str,
     svc: OrchestratorService,
+    tls: Option<Arc<ServerConfig>>,
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(svc)).await {
-            tracing::error!(error = %e, "the HTTP API stopped");
+    let app = router(svc);
+    let stopped = |e: std::io::Error| tracing::error!(error = %e, "the HTTP API stopped");
+    match tls {
+        Some(config) => {
+            let listener = TlsListener::new(listener, config)?;
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap_or_else(stopped) });
         }
-    });
+        None => {
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap_or_else(stopped) });
+        }
+    }
     Ok(addr)
 }
