@@ -104,18 +104,32 @@ impl ChatTemplate {
                 ))
             },
         );
+        // The template comes with the model file, from anywhere: bound its work (loops,
+        // allocations) and what it writes, so a hostile one is an error, not a hang.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_DEPTH);
         env.add_template("chat", src)
             .map_err(|e| LmError::ChatTemplate(e.to_string()))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| LmError::ChatTemplate(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-        })
-        .map_err(|e| LmError::ChatTemplate(e.to_string()))
+        let input: usize = messages.iter().map(|m| m.content.len()).sum();
+        let mut out = Bounded {
+            text: Vec::new(),
+            limit: TEMPLATE_OUTPUT_BASE + TEMPLATE_OUTPUT_PER_INPUT * input,
+        };
+        tmpl.render_captured_to(
+            minijinja::context! {
+                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            },
+            &mut out,
+        )
+        .map_err(|e| LmError::ChatTemplate(e.to_string()))?;
+        String::from_utf8(out.text)
+            .map_err(|_| LmError::ChatTemplate("the template wrote invalid UTF-8".into()))
     }
 
     fn render_fallback(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
@@ -156,6 +170,41 @@ impl ChatTemplate {
             });
         }
         out
+    }
+}
+
+/// minijinja's fuel for one render: every instruction and allocated byte costs some. Real
+/// templates use tens of thousands for a long chat; this stops a runaway one in well under a
+/// second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Nesting (macros, includes, expressions) a render may reach: real templates nest a few
+/// levels; minijinja's default of 500 could overflow a worker thread's stack first.
+const TEMPLATE_DEPTH: usize = 64;
+/// What a render may write: real templates add a few hundred bytes of markup per message, so
+/// a fixed allowance plus a multiple of the messages' own text.
+const TEMPLATE_OUTPUT_BASE: usize = 64 * 1024;
+const TEMPLATE_OUTPUT_PER_INPUT: usize = 4;
+
+/// A sink that refuses to grow past its limit.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the rendered prompt would exceed {} bytes",
+                self.limit
+            )));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -207,5 +256,42 @@ mod tests {
         assert!(e.to_string().contains("roles must alternate"), "{e}");
         let t = ChatTemplate::new(None, String::new(), String::new(), |_| false).unwrap();
         assert!(t.render(&[], true).is_err());
+    }
+
+    #[test]
+    fn the_bounds_leave_room_for_long_real_chats() {
+        let t = ChatTemplate::new(Some(CHATML.into()), "<s>".into(), "</s>".into(), |_| true)
+            .unwrap();
+        let messages: Vec<ChatMessage> = (0..512)
+            .map(|i| ChatMessage::new(["user", "assistant"][i % 2], "word ".repeat(800)))
+            .collect();
+        let s = t.render(&messages, true).unwrap();
+        assert!(s.len() > 512 * 4000, "{}", s.len());
+    }
+
+    #[test]
+    fn hostile_templates_are_errors_not_hangs() {
+        for (name, src) in [
+            (
+                "nested loops",
+                "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            ),
+            ("a huge string", "{{ 'x' * 1000000000 }}"),
+            (
+                "a long output",
+                "{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}",
+            ),
+            (
+                "recursion",
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            ),
+        ] {
+            let started = std::time::Instant::now();
+            let e = ChatTemplate::new(Some(src.into()), String::new(), String::new(), |_| false)
+                .err()
+                .unwrap_or_else(|| panic!("{name} rendered"));
+            assert!(matches!(e, LmError::ChatTemplate(_)), "{name}: {e:?}");
+            eprintln!("{name}: {e} after {:?}", started.elapsed());
+        }
     }
 }

@@ -38,6 +38,21 @@ pub enum LmError {
     #[error("model metadata is missing `{0}`; the file is incomplete or not a supported model")]
     MissingMetadata(String),
 
+    /// The model's metadata contradicts itself or its tensors, or lies outside any sane range:
+    /// a damaged or hostile file. Found before anything is built from it, so it never
+    /// surfaces later as a panic, a shape error mid-request or silently empty text.
+    #[error("inconsistent model: {0}; the file is damaged or not a model this runtime supports")]
+    BadModel(String),
+
+    /// The forward produced NaN or infinite logits: broken weights. Sampling them would give
+    /// garbage or empty text with no reason given.
+    #[error("the model produced NaN or infinite logits: its weights or metadata (norm epsilon, rope base) are broken; load another model file")]
+    NonFiniteLogits,
+
+    /// Whoever waited for the text went away: the work stopped within a step.
+    #[error("cancelled: the client went away")]
+    Cancelled,
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

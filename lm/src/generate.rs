@@ -94,6 +94,9 @@ pub struct Decoder<'a> {
     /// The token before this decoding (word boundaries at its start).
     before: Option<u32>,
     fork_entropy: Option<f32>,
+    /// Asked before each token is taken: true once nobody waits for the text, so a long
+    /// decode stops within a step rather than running on for a client that is gone.
+    cancelled: Option<&'a dyn Fn() -> bool>,
 }
 
 impl<'a> Decoder<'a> {
@@ -120,7 +123,14 @@ impl<'a> Decoder<'a> {
             tokens: Vec::new(),
             before,
             fork_entropy: None,
+            cancelled: None,
         })
+    }
+
+    /// Stops the decode with [`LmError::Cancelled`] once `cancelled` says so.
+    pub fn cancel_when(mut self, cancelled: &'a dyn Fn() -> bool) -> Self {
+        self.cancelled = Some(cancelled);
+        self
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -160,6 +170,9 @@ impl<'a> Decoder<'a> {
     /// Takes `id` as the next token of the text (the caller has fed it or feeds it next).
     /// Returns the stop it causes: end of text (then it is not taken) or a stop string.
     pub fn take(&mut self, id: u32, on_text: &mut impl FnMut(&str)) -> Result<Option<StopReason>> {
+        if self.cancelled.is_some_and(|gone| gone()) {
+            return Err(LmError::Cancelled);
+        }
         if self.opts.stop_on_eos && self.lm.tokenizer.end_of_turn().contains(&id) {
             return Ok(Some(StopReason::EndOfText));
         }

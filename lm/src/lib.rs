@@ -35,8 +35,8 @@ pub use generate::{
 pub use loaded::LoadedModel;
 pub use mm_kernels::has_avx2;
 pub use model::{
-    shape_named, Architecture, Embedding, Input, LoadOptions, Model, ModelConfig, NamedShape,
-    SHAPES,
+    shape_named, Architecture, Embedding, GgufFile, Input, LoadOptions, Model, ModelConfig,
+    NamedShape, SHAPES,
 };
 pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,

@@ -45,6 +45,14 @@ impl LoadedModel {
             let model = Model::from_gguf(&mut gguf, opts)?;
             (model, tokenizer, template)
         };
+        // A token id past the embedding's rows would fail every request that meets it.
+        if tokenizer.vocab_size() > model.config().vocab {
+            return Err(LmError::BadModel(format!(
+                "the tokenizer has {} tokens but the embedding has {} rows",
+                tokenizer.vocab_size(),
+                model.config().vocab
+            )));
+        }
         let piece = |id: Option<u32>| {
             id.and_then(|i| tokenizer.token_piece(i))
                 .unwrap_or_default()

@@ -111,6 +111,44 @@ fn safetensors_f32_and_bf16_match_the_gguf_they_came_from() {
         // The repo's own chat template and special tokens are used.
         assert!(st.chat.is_native());
         assert_eq!(st.tokenizer.bos(), st.tokenizer.token_to_id("<|im_start|>"));
+        drop(st);
+        // config.json is checked like GGUF metadata: against sense and against the tensors.
+        let config_path = dir.path().join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        for (key, value, expected) in [
+            (
+                "num_attention_heads",
+                serde_json::json!(0),
+                "head count is 0",
+            ),
+            ("rms_norm_eps", serde_json::json!(0.0), "norm epsilon 0"),
+            (
+                "hidden_size",
+                serde_json::json!(630),
+                "token embedding is 49152x576",
+            ),
+            ("num_hidden_layers", serde_json::json!(40), "says 40 layers"),
+            (
+                "num_hidden_layers",
+                serde_json::json!(10_000_000_000u64),
+                "layers",
+            ),
+            (
+                "vocab_size",
+                serde_json::json!(10),
+                "token embedding is 49152x576",
+            ),
+        ] {
+            let mut bad = config.clone();
+            bad[key] = value.clone();
+            std::fs::write(&config_path, bad.to_string()).unwrap();
+            let err = LoadedModel::load_path(dir.path(), &LoadOptions::default())
+                .err()
+                .unwrap_or_else(|| panic!("{key} = {value} loaded"));
+            assert!(err.to_string().contains(expected), "{key} = {value}: {err}");
+        }
+        std::fs::write(&config_path, config.to_string()).unwrap();
     }
 }
 
@@ -152,6 +190,107 @@ fn truncated_or_garbage_gguf_is_corrupt_not_a_panic() {
         assert!(matches!(err, LmError::Corrupt { .. }), "{name}: {err:?}");
         assert!(err.to_string().contains("fetch it again"), "{name}: {err}");
     }
+}
+
+/// Where a GGUF metadata key's value starts (after its type tag) in the file's bytes.
+fn value_offset(bytes: &[u8], key: &str) -> usize {
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{key} is not in the file"));
+    at + needle.len() + 4
+}
+
+#[test]
+fn metadata_that_contradicts_the_tensors_or_sense_is_refused_by_name() {
+    let mut bytes = std::fs::read(smollm_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("patched.gguf");
+    let int = |n: u32| n.to_le_bytes();
+    // SmolLM2-135M: 576 wide, 30 layers, 9 heads of 64, 3 kv heads, ffn 1536.
+    for (key, value, expected) in [
+        ("llama.attention.head_count", int(0), "head count is 0"),
+        (
+            "llama.attention.head_count_kv",
+            int(0),
+            "kv head count is 0",
+        ),
+        (
+            "llama.attention.head_count_kv",
+            int(2),
+            "not divisible by 2 kv heads",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            f32::NAN.to_le_bytes(),
+            "norm epsilon NaN",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            (-1e-5f32).to_le_bytes(),
+            "norm epsilon",
+        ),
+        ("llama.rope.freq_base", 0f32.to_le_bytes(), "rope base 0"),
+        (
+            "llama.rope.freq_base",
+            f32::INFINITY.to_le_bytes(),
+            "rope base inf",
+        ),
+        (
+            "llama.embedding_length",
+            int(577),
+            "token embedding is 49152x576",
+        ),
+        (
+            "llama.rope.dimension_count",
+            int(0),
+            "rope.dimension_count is 0",
+        ),
+        (
+            "llama.rope.dimension_count",
+            int(65),
+            "rope.dimension_count is 65",
+        ),
+        ("llama.vocab_size", int(10), "vocab_size is 10"),
+        ("llama.context_length", int(0), "context length is 0"),
+        ("llama.block_count", int(31), "block_count says 31"),
+        (
+            "llama.feed_forward_length",
+            int(1000),
+            "gate projection is 1536x576",
+        ),
+    ] {
+        let at = value_offset(&bytes, key);
+        let original: Vec<u8> = bytes[at..at + 4].to_vec();
+        bytes[at..at + 4].copy_from_slice(&value);
+        std::fs::write(&p, &bytes).unwrap();
+        bytes[at..at + 4].copy_from_slice(&original);
+        let err = LoadedModel::load_path(&p, &LoadOptions::default())
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value:?} loaded"));
+        assert!(matches!(err, LmError::BadModel(_)), "{key}: {err:?}");
+        assert!(err.to_string().contains(expected), "{key}: {err}");
+    }
+}
+
+#[test]
+fn a_nan_in_the_weights_is_an_error_not_empty_text() {
+    let mut bytes = std::fs::read(smollm_path()).unwrap();
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+    let norm = &content.tensor_infos["output_norm.weight"];
+    assert_eq!(norm.ggml_dtype, lm::candle::quantized::GgmlDType::F32);
+    let at = (content.tensor_data_offset + norm.offset) as usize;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("nan.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let lm = LoadedModel::load_path(&p, &LoadOptions::default()).unwrap();
+    let prompt = lm.raw_prompt("Once upon a time").unwrap();
+    let err = lm::generate(&lm, &prompt, &Default::default(), |_| {})
+        .expect_err("NaN weights generated text");
+    assert!(matches!(err, LmError::NonFiniteLogits), "{err:?}");
 }
 
 #[test]

@@ -128,24 +128,51 @@ impl ModelConfig {
         }
     }
 
+    /// Rejects shapes and numbers no model has: a zero dimension would divide by zero or
+    /// build an empty model, and a non-finite or non-positive epsilon or rope base turns every
+    /// logit into NaN.
     pub fn validate(&self) -> Result<()> {
-        let bad = |why: String| Err(LmError::Layout(format!("model config: {why}")));
-        if self.hidden == 0
-            || self.layers == 0
-            || self.heads == 0
-            || self.kv_heads == 0
-            || self.vocab == 0
-        {
-            return bad("zero-sized dimension".into());
+        let bad = |why: String| Err(LmError::BadModel(why));
+        for (name, n) in [
+            ("hidden size", self.hidden),
+            ("layer count", self.layers),
+            ("head count", self.heads),
+            ("kv head count", self.kv_heads),
+            ("head size", self.head_dim),
+            ("feed-forward size", self.ffn),
+            ("vocabulary", self.vocab),
+            ("context length", self.context_length),
+        ] {
+            if n == 0 {
+                return bad(format!("the {name} is 0"));
+            }
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
-                "{} heads not divisible by {} kv heads",
+                "{} heads are not divisible by {} kv heads",
                 self.heads, self.kv_heads
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(format!("odd head dim {}", self.head_dim));
+            return bad(format!("odd head size {}", self.head_dim));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad(format!(
+                "norm epsilon {} is not a positive number",
+                self.norm_eps
+            ));
+        }
+        for theta in [self.rope_theta, self.rope_theta_local] {
+            if !(theta.is_finite() && theta > 0.0) {
+                return bad(format!("rope base {theta} is not a positive number"));
+            }
+        }
+        if let Some((window, pattern)) = self.sliding_window {
+            if window == 0 || pattern == 0 {
+                return bad(format!(
+                    "sliding window {window} with pattern {pattern} attends to nothing"
+                ));
+            }
         }
         Ok(())
     }

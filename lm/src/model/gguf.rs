@@ -68,12 +68,17 @@ impl GgufFile {
             .ok_or_else(|| LmError::MissingMetadata(key.into()))
     }
 
+    /// An integer key as u32, whichever integer type the file stores it as. A value that
+    /// does not fit (negative, or past u32) is refused rather than wrapped into a small one.
     pub fn u32(&self, key: &str) -> Result<u32> {
         let v = self.req(key)?;
         v.to_u32()
-            .or_else(|_| v.to_u64().map(|x| x as u32))
-            .or_else(|_| v.to_i32().map(|x| x as u32))
-            .map_err(|_| LmError::MissingMetadata(format!("{key} (as an integer)")))
+            .ok()
+            .or_else(|| v.to_u64().ok().and_then(|x| u32::try_from(x).ok()))
+            .or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))
+            .ok_or_else(|| {
+                LmError::MissingMetadata(format!("{key} (as a 32-bit unsigned integer)"))
+            })
     }
 
     pub fn f32(&self, key: &str) -> Result<f32> {
@@ -151,16 +156,24 @@ impl GgufFile {
             .u32(&k("attention.head_count_kv"))
             .map(|x| x as usize)
             .unwrap_or(heads);
+        // A zero head count is refused by `validate`, not divided by here.
         let head_dim = self
             .u32(&k("attention.key_length"))
             .map(|x| x as usize)
-            .unwrap_or(hidden / heads);
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let embd = self
             .content
             .tensor_infos
             .get("token_embd.weight")
             .ok_or_else(|| LmError::MissingMetadata("tensor token_embd.weight".into()))?;
-        let vocab = embd.shape.dims()[0];
+        let vocab = match embd.shape.dims() {
+            [rows, _] => *rows,
+            dims => {
+                return Err(LmError::BadModel(format!(
+                    "token_embd.weight has shape {dims:?}, not [vocabulary, hidden]"
+                )))
+            }
+        };
         let gemma = arch == Architecture::Gemma3;
         let sliding = if gemma {
             Some((
@@ -172,7 +185,7 @@ impl GgufFile {
         } else {
             None
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             arch,
             hidden,
             layers: self.u32(&k("block_count"))? as usize,
@@ -208,7 +221,46 @@ impl GgufFile {
             },
             embed_scale: gemma.then(|| (hidden as f32).sqrt()),
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        })
+        };
+        config.validate()?;
+        self.check_against_tensors(&config)?;
+        Ok(config)
+    }
+
+    /// Metadata the tensor shapes cannot confirm later: the layer count, the rope dimensions
+    /// (this runtime rotates whole heads), and a declared vocabulary size.
+    fn check_against_tensors(&self, c: &ModelConfig) -> Result<()> {
+        let a = c.arch.name();
+        let bad = |why: String| Err(LmError::BadModel(why));
+        let blocks = self
+            .content
+            .tensor_infos
+            .keys()
+            .filter(|n| n.starts_with("blk.") && n.ends_with(".attn_q.weight"))
+            .count();
+        if blocks != c.layers {
+            return bad(format!(
+                "{a}.block_count says {} layers but the file has {blocks}",
+                c.layers
+            ));
+        }
+        if let Ok(rope) = self.u32(&format!("{a}.rope.dimension_count")) {
+            if rope as usize != c.head_dim {
+                return bad(format!(
+                    "{a}.rope.dimension_count is {rope} but heads have {} dimensions",
+                    c.head_dim
+                ));
+            }
+        }
+        if let Ok(declared) = self.u32(&format!("{a}.vocab_size")) {
+            if declared as usize != c.vocab {
+                return bad(format!(
+                    "{a}.vocab_size is {declared} but token_embd.weight has {} rows",
+                    c.vocab
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -227,10 +279,12 @@ impl Model {
         let eps = config.norm_eps;
         let dtype = DType::F32;
         let embd = Arc::new(gguf.qtensor("token_embd.weight", &opts.device)?);
-        let quantization = format!(
-            "{:?}",
-            gguf.content.tensor_infos["blk.0.attn_q.weight"].ggml_dtype
-        );
+        let quantization = gguf
+            .content
+            .tensor_infos
+            .get("blk.0.attn_q.weight")
+            .map(|t| format!("{:?}", t.ggml_dtype))
+            .ok_or_else(|| LmError::MissingMetadata("tensor blk.0.attn_q.weight".into()))?;
         let mut blocks = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("blk.{i}");

@@ -78,6 +78,31 @@ impl Linear {
         }
     }
 
+    /// Checks the weight is `[out, input]` and any bias `[out]`, so a file whose metadata
+    /// contradicts its tensors fails at load, not mid-request.
+    pub(crate) fn expect_shape(&self, what: &str, out: usize, input: usize) -> Result<()> {
+        let dims = match &self.weight {
+            Weight::Kernel(w) => (w.rows(), w.cols()),
+            Weight::Quantized(QMatMul::QTensor(q)) => q.shape().dims2()?,
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Weight::Dense(t) => {
+                t.dims2()?
+            }
+        };
+        if dims != (out, input) {
+            return Err(LmError::BadModel(format!(
+                "{what} is {}x{} but the metadata implies {out}x{input}",
+                dims.0, dims.1
+            )));
+        }
+        if let Some(b) = self.bias.as_ref().filter(|b| b.dims() != [out]) {
+            return Err(LmError::BadModel(format!(
+                "{what}'s bias has shape {:?} but the metadata implies [{out}]",
+                b.dims()
+            )));
+        }
+        Ok(())
+    }
+
     /// `x: [n, in] -> [n, out]`
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {

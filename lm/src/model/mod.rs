@@ -119,9 +119,62 @@ struct Parts {
     quantization: String,
 }
 
+impl Parts {
+    /// Every tensor against the config: metadata that contradicts the weights would otherwise
+    /// surface as a shape error mid-request, or as wrong text.
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let (vocab, hidden) = (self.embedding.vocab(), self.embedding.hidden());
+        if (vocab, hidden) != (c.vocab, c.hidden) {
+            return Err(LmError::BadModel(format!(
+                "the token embedding is {vocab}x{hidden} but the metadata implies {}x{}",
+                c.vocab, c.hidden
+            )));
+        }
+        self.output
+            .expect_shape("the output projection", c.vocab, c.hidden)?;
+        let norm = |what: String, n: &Norm, len: usize| match n.weight.dims() {
+            [l] if *l == len => Ok(()),
+            dims => Err(LmError::BadModel(format!(
+                "{what} has shape {dims:?} but the metadata implies [{len}]"
+            ))),
+        };
+        norm("the final norm".into(), &self.final_norm, c.hidden)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (name, l, out, input) in [
+                ("q", &b.q, q, c.hidden),
+                ("k", &b.k, kv, c.hidden),
+                ("v", &b.v, kv, c.hidden),
+                ("attention output", &b.o, c.hidden, q),
+                ("gate", &b.gate, c.ffn, c.hidden),
+                ("up", &b.up, c.ffn, c.hidden),
+                ("down", &b.down, c.hidden, c.ffn),
+            ] {
+                l.expect_shape(&format!("layer {i}'s {name} projection"), out, input)?;
+            }
+            let norms = [
+                ("attention", Some(&b.attn_norm), c.hidden),
+                ("feed-forward", Some(&b.ffn_norm), c.hidden),
+                ("post-attention", b.post_attn_norm.as_ref(), c.hidden),
+                ("post-feed-forward", b.post_ffn_norm.as_ref(), c.hidden),
+                ("q", b.q_norm.as_ref(), c.head_dim),
+                ("k", b.k_norm.as_ref(), c.head_dim),
+            ];
+            for (name, n, len) in norms {
+                if let Some(n) = n {
+                    norm(format!("layer {i}'s {name} norm"), n, len)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Model {
     fn assemble(p: Parts, opts: &LoadOptions, dtype: DType) -> Result<Self> {
         p.config.validate()?;
+        p.check_shapes()?;
         let max_context = opts
             .max_context
             .unwrap_or(DEFAULT_MAX_CONTEXT)
@@ -344,7 +397,21 @@ impl Model {
 
     /// `[n, hidden] -> [n, vocab]` logits, f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.output.forward(hidden)?.to_dtype(DType::F32)?)
+        // Both sides are checked: our quantized kernels turn a NaN activation into finite
+        // garbage, so broken weights show in the hidden state before they would in the logits.
+        // One NaN or infinity anywhere makes a sum non-finite; finite values cannot overflow
+        // it (activations and logits are far below 1e30 over at most millions of entries).
+        let finite = |t: &Tensor| -> Result<bool> {
+            Ok(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+        };
+        if !finite(hidden)? {
+            return Err(LmError::NonFiniteLogits);
+        }
+        let logits = self.output.forward(hidden)?.to_dtype(DType::F32)?;
+        if !finite(&logits)? {
+            return Err(LmError::NonFiniteLogits);
+        }
+        Ok(logits)
     }
 
     /// Logits of the last row of a hidden state, as a vector.

@@ -16,6 +16,7 @@ pub struct NamedShape {
     pub tied: bool,
 }
 
+#[allow(clippy::too_many_arguments)] // one row of the table below: a named shape's dimensions
 const fn qwen2(
     name: &'static str,
     hidden: usize,

@@ -169,7 +169,10 @@ impl Model {
             opts: opts.clone(),
         };
         let heads = hf.num_attention_heads;
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / heads);
+        // A zero head count is refused by `validate`, not divided by here.
+        let head_dim = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size.checked_div(heads).unwrap_or(0));
         let config = ModelConfig::llama_like(&LlamaShape {
             arch,
             hidden: hf.hidden_size,
@@ -197,6 +200,14 @@ impl Model {
         opts: &LoadOptions,
         dtype: DType,
     ) -> Result<Self> {
+        config.validate()?;
+        let layer = |i: usize| format!("model.layers.{i}.self_attn.q_proj.weight");
+        if !w.has(&layer(config.layers - 1)) || w.has(&layer(config.layers)) {
+            return Err(LmError::BadModel(format!(
+                "the config says {} layers but the weights hold a different number",
+                config.layers
+            )));
+        }
         let eps = config.norm_eps as f32;
         let linear = |prefix: &str| -> Result<Linear> {
             let bias = if w.has(&format!("{prefix}.bias")) {
