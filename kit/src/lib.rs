@@ -9,6 +9,7 @@
 //! - with the `model` feature (muse, majordomo): [`model`], the model flags and loading (fetching
 //!   a missing default model), and [`status`], the runtime's errors as gRPC statuses.
 
+pub mod alloc;
 pub mod config;
 pub mod ids;
 pub mod metrics;
@@ -18,4 +19,5 @@ pub mod peers;
 pub mod serve;
 #[cfg(feature = "model")]
 pub mod status;
+pub mod text;
 pub mod trace;

@@ -12,6 +12,7 @@ pub fn status_of(e: &LmError) -> Status {
         LmError::Tokenizer(_) | LmError::ChatTemplate(_) => Status::invalid_argument(e.to_string()),
         LmError::ContextOverflow { .. } => Status::out_of_range(e.to_string()),
         LmError::Device(_) => Status::unavailable(e.to_string()),
+        LmError::Cancelled => Status::cancelled(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

@@ -46,9 +46,13 @@ impl Backend {
         match self {
             Self::Local(md) => {
                 let md = md.clone();
-                tokio::task::spawn_blocking(move || md.critique(&req, on_text))
-                    .await
-                    .map_err(worker)?
+                tokio::task::spawn_blocking(move || {
+                    let outcome = md.critique(&req, on_text);
+                    mm_kit::alloc::give_back();
+                    outcome
+                })
+                .await
+                .map_err(worker)?
             }
             Self::Remote(remote) => remote.critique(&req).await,
         }

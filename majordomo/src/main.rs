@@ -141,6 +141,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn run_serve(flags: majordomo::serve::ServeFlags) -> Result<()> {
+    mm_kit::alloc::limit_arenas();
     let cfg = majordomo::serve::ServeConfig::load(&flags, None)
         .context("majordomo serve configuration")?;
     tokio::runtime::Builder::new_multi_thread()

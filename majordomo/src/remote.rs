@@ -13,6 +13,7 @@ use crate::critique::{self, Critique, Structure};
 use crate::error::{RemoteError, Result};
 use crate::review::{self, CritiqueOutcome, CritiqueRequest, RequestLimits};
 use lm::ChatMessage;
+use mm_kit::text::clip;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -172,7 +173,10 @@ struct Usage {
 /// call) is an empty answer, which then fails to parse like any other invalid one.
 fn parse_completion(body: &[u8]) -> std::result::Result<Answer, RemoteError> {
     let c: Completion = serde_json::from_slice(body).map_err(|e| {
-        RemoteError::Protocol(format!("{e}: {}", clip(&String::from_utf8_lossy(body))))
+        RemoteError::Protocol(format!(
+            "{e}: {}",
+            clip(&String::from_utf8_lossy(body), SHOWN_CHARS)
+        ))
     })?;
     let choice = c
         .choices
@@ -184,14 +188,6 @@ fn parse_completion(body: &[u8]) -> std::result::Result<Answer, RemoteError> {
         tokens: c.usage.map_or(0, |u| u.completion_tokens),
         truncated: choice.finish_reason.as_deref() == Some("length"),
     })
-}
-
-fn clip(text: &str) -> String {
-    if text.chars().count() <= SHOWN_CHARS {
-        text.to_string()
-    } else {
-        format!("{}…", text.chars().take(SHOWN_CHARS).collect::<String>())
-    }
 }
 
 /// A transport error with its causes: reqwest's own message is only "error sending request".
@@ -217,7 +213,7 @@ async fn check_status(
     if status.is_success() {
         return Ok(resp);
     }
-    let mut body = clip(resp.text().await.unwrap_or_default().trim());
+    let mut body = clip(resp.text().await.unwrap_or_default().trim(), SHOWN_CHARS);
     if matches!(status.as_u16(), 401 | 403) {
         body.push_str(" (the API key comes from MAJORDOMO_API_KEY, else OPENAI_API_KEY)");
     }
@@ -350,7 +346,7 @@ impl RemoteMajordomo {
             what,
             tries: TRIES,
             why: rejected.0,
-            answer: clip(&rejected.1),
+            answer: clip(&rejected.1, SHOWN_CHARS),
         })
     }
 

@@ -7,6 +7,7 @@ use crate::critique::{self, Critique, IssueKind, NoiseAdvice, Structure, Verdict
 use crate::error::{MajordomoError, Result};
 use lm::Input;
 use lm::{ChatMessage, LoadedModel};
+use mm_kit::text::clip;
 use std::sync::Arc;
 
 /// What the muse reported about the dream that made a draft, as the orchestrator summarises it.
@@ -378,14 +379,6 @@ fn window(text: &str) -> String {
         "{head}\n[... {} characters omitted ...]\n{tail}",
         n - DRAFT_HEAD_CHARS - DRAFT_TAIL_CHARS
     )
-}
-
-fn clip(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        format!("{}…", text.chars().take(max).collect::<String>())
-    }
 }
 
 /// Chat markers inside user-provided text would end the turn early when the template is

@@ -74,6 +74,7 @@ fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize
             kv_memory_bytes: 1 << 30,
             compute_slots: 1,
             idle_timeout: std::time::Duration::from_secs(300),
+            evict_idle: std::time::Duration::from_secs(15),
         };
         let service = muse::service::MuseService::new(lm, limits, Default::default()).into_server();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod dream;
+mod inbox;
 pub mod metrics;
 pub mod render;
 pub mod serve;

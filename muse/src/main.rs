@@ -138,6 +138,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_serve(flags: muse::serve::ServeFlags) -> Result<()> {
+    mm_kit::alloc::limit_arenas();
     let cfg = muse::serve::ServeConfig::load(&flags, None).context("muse serve configuration")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -24,6 +24,10 @@ pub struct MuseMetrics {
     commit_seconds: Histogram,
     prompt_tokens: Counter,
     pub sessions: Gauge,
+    /// Commits stopped because their client went away.
+    pub commits_cancelled: Counter,
+    /// Idle sessions closed to admit new ones when the muse was full.
+    pub sessions_evicted: Counter,
 }
 
 impl Default for MuseMetrics {
@@ -58,6 +62,18 @@ impl Default for MuseMetrics {
         );
         let sessions = Gauge::default();
         r.register("sessions", "Dreaming sessions open", sessions.clone());
+        let commits_cancelled = Counter::default();
+        r.register(
+            "commits_cancelled",
+            "Commits stopped within a token because their client went away",
+            commits_cancelled.clone(),
+        );
+        let sessions_evicted = Counter::default();
+        r.register(
+            "sessions_evicted",
+            "Idle sessions closed to admit new ones when every slot was taken",
+            sessions_evicted.clone(),
+        );
         Self {
             registry: Arc::new(r),
             grpc,
@@ -67,6 +83,8 @@ impl Default for MuseMetrics {
             commit_seconds,
             prompt_tokens,
             sessions,
+            commits_cancelled,
+            sessions_evicted,
         }
     }
 }

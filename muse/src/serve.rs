@@ -30,6 +30,9 @@ pub struct ServeConfig {
     pub metrics: Option<String>,
     /// Seconds a session may go without a command before it is closed.
     pub idle_timeout_s: u64,
+    /// When the muse is full, a new session closes the one idle longest, if idle this many
+    /// seconds: idle streams cannot lock turns out for `idle_timeout_s`.
+    pub evict_idle_s: u64,
 }
 
 impl Default for ServeConfig {
@@ -45,6 +48,7 @@ impl Default for ServeConfig {
             compute_slots: 1,
             metrics: None,
             idle_timeout_s: 300,
+            evict_idle_s: 15,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct ServeFlags {
     pub compute_slots: Option<usize>,
     #[arg(long)]
     pub idle_timeout_s: Option<u64>,
+    #[arg(long)]
+    pub evict_idle_s: Option<u64>,
 }
 
 impl ServeConfig {
@@ -78,7 +84,8 @@ impl ServeConfig {
             .set("max_sessions", n(flags.max_sessions))
             .set("kv_memory_mb", n(flags.kv_memory_mb))
             .set("compute_slots", n(flags.compute_slots))
-            .set("idle_timeout_s", flags.idle_timeout_s);
+            .set("idle_timeout_s", flags.idle_timeout_s)
+            .set("evict_idle_s", flags.evict_idle_s);
         let cfg: Self = config::load(sources)?;
         cfg.validate()?;
         Ok(cfg)
@@ -124,6 +131,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         kv_memory_bytes: cfg.kv_memory_mb << 20,
         compute_slots: cfg.compute_slots,
         idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_s),
+        evict_idle: std::time::Duration::from_secs(cfg.evict_idle_s),
     };
     if lm.model.is_fused() && cfg.compute_slots == 1 {
         tracing::warn!(

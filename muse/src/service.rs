@@ -7,6 +7,7 @@
 
 use crate::convert;
 use crate::dream::DreamParams;
+use crate::inbox;
 use crate::metrics::MuseMetrics;
 use crate::session::{DreamSession, PRIMED};
 use lm::LoadedModel;
@@ -16,8 +17,9 @@ use pb::muse_server::Muse;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use std::time::Instant;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Limits of one muse process.
@@ -30,14 +32,21 @@ pub struct Limits {
     pub compute_slots: usize,
     /// A session that sends no command for this long is closed (its slot and KV freed).
     pub idle_timeout: std::time::Duration,
+    /// When every slot is taken, the session idle longest is closed to admit a new one if it
+    /// has been idle this long.
+    pub evict_idle: std::time::Duration,
 }
 
 /// What a session shows through `SessionStatus`, updated after every command.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Status_ {
     position: usize,
     kv_bytes: usize,
     checkpoints: Vec<String>,
+    /// Since when the session has waited for a command; `None` while one runs.
+    idle_since: Option<Instant>,
+    /// Wakes the session's loop to close it: evicted to admit another.
+    evict: Arc<Notify>,
 }
 
 struct Shared {
@@ -49,6 +58,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// Closes the session idle longest, if idle at least `evict_idle`: a full muse then admits
+    /// new work instead of refusing it while forgotten streams hold every slot.
+    fn evict_longest_idle(&self, sessions: &mut HashMap<String, Status_>) {
+        let now = Instant::now();
+        let longest = sessions
+            .iter()
+            .filter_map(|(id, s)| Some((now - s.idle_since?, id)))
+            .filter(|(idle, _)| *idle >= self.limits.evict_idle)
+            .max_by_key(|(idle, _)| *idle)
+            .map(|(_, id)| id.clone());
+        if let Some(s) = longest.and_then(|id| sessions.remove(&id)) {
+            s.evict.notify_one();
+            self.metrics.sessions_evicted.inc();
+        }
+    }
+
     fn kv_in_use_except(&self, id: &str) -> usize {
         self.sessions
             .lock()
@@ -94,7 +119,7 @@ fn event(request_id: u64, e: pb::server_event::Event) -> pb::ServerEvent {
     }
 }
 
-fn error_event(request_id: u64, s: &Status) -> pb::ServerEvent {
+pub(crate) fn error_event(request_id: u64, s: &Status) -> pb::ServerEvent {
     event(
         request_id,
         pb::server_event::Event::Error(pb::Error {
@@ -113,8 +138,11 @@ impl Muse for MuseService {
         request: Request<Streaming<pb::ClientCommand>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let shared = self.shared.clone();
-        let id = {
+        let (id, evict) = {
             let mut sessions = shared.sessions.lock().expect("sessions lock");
+            if sessions.len() >= shared.limits.max_sessions {
+                shared.evict_longest_idle(&mut sessions);
+            }
             if sessions.len() >= shared.limits.max_sessions {
                 return Err(Status::resource_exhausted(format!(
                     "the muse is serving {} sessions (max_sessions = {}): retry later, or raise max_sessions",
@@ -123,20 +151,19 @@ impl Muse for MuseService {
                 )));
             }
             let id = mm_kit::ids::random_id();
-            sessions.insert(id.clone(), Status_::default());
+            let evict = Arc::new(Notify::new());
+            sessions.insert(
+                id.clone(),
+                Status_ {
+                    evict: evict.clone(),
+                    ..Default::default()
+                },
+            );
             shared.metrics.sessions.set(sessions.len() as i64);
-            id
+            (id, evict)
         };
-        let mut inbound = request.into_inner();
-        let (cmd_tx, cmd_rx) = mpsc::channel::<Result<pb::ClientCommand, Status>>(16);
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::ServerEvent, Status>>(64);
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                if cmd_tx.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let cmd_rx = inbox::spawn_reader(request.into_inner(), out_tx.clone());
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _ = out_tx.blocking_send(Ok(event(
@@ -145,12 +172,13 @@ impl Muse for MuseService {
                     session_id: id.clone(),
                 }),
             )));
-            run_session(&shared, &id, cmd_rx, &out_tx, &runtime);
+            run_session(&shared, &id, &evict, cmd_rx, &out_tx, &runtime);
             // Frees the KV cache (dropped with the session) and the slot.
             let mut sessions = shared.sessions.lock().expect("sessions lock");
             sessions.remove(&id);
             shared.metrics.sessions.set(sessions.len() as i64);
             drop(sessions);
+            mm_kit::alloc::give_back();
             tracing::debug!(session = id, "session ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -184,7 +212,8 @@ impl Muse for MuseService {
         let sessions = self.shared.sessions.lock().expect("sessions lock");
         let s = sessions.get(&id).ok_or_else(|| {
             Status::not_found(format!(
-                "unknown session `{id}`: it was closed or never existed"
+                "unknown session `{}`: it was closed or never existed",
+                mm_kit::text::clip(&id, 40)
             ))
         })?;
         Ok(Response::new(pb::SessionStatusResponse {
@@ -195,11 +224,19 @@ impl Muse for MuseService {
     }
 }
 
+/// Marks the session busy (`None`) or idle since a moment, for eviction.
+fn set_idle(shared: &Shared, id: &str, since: Option<Instant>) {
+    if let Some(st) = shared.sessions.lock().expect("sessions lock").get_mut(id) {
+        st.idle_since = since;
+    }
+}
+
 /// Runs commands until Close, the client's stream ends, or the client stops listening.
 fn run_session(
     shared: &Shared,
     id: &str,
-    mut commands: mpsc::Receiver<Result<pb::ClientCommand, Status>>,
+    evict: &Notify,
+    mut commands: mpsc::Receiver<inbox::Queued>,
     out: &mpsc::Sender<Result<pb::ServerEvent, Status>>,
     runtime: &tokio::runtime::Handle,
 ) {
@@ -207,8 +244,25 @@ fn run_session(
     let mut session = DreamSession::new(lm);
     let idle = shared.limits.idle_timeout;
     loop {
+        set_idle(shared, id, Some(Instant::now()));
+        let waited = runtime.block_on(async {
+            tokio::select! {
+                q = tokio::time::timeout(idle, commands.recv()) => Some(q),
+                () = evict.notified() => None,
+            }
+        });
+        let Some(queued) = waited else {
+            let s = Status::resource_exhausted(format!(
+                "the muse was full and this session had been idle longest (over {} s, \
+                 evict_idle_s): it was closed to admit another; open a new session",
+                shared.limits.evict_idle.as_secs()
+            ));
+            let _ = out.blocking_send(Ok(error_event(0, &s)));
+            return;
+        };
+        set_idle(shared, id, None);
         // Why the session ends, when it ends on the server's side: told in a last event.
-        let ended = match runtime.block_on(tokio::time::timeout(idle, commands.recv())) {
+        let ended = match queued.map(|q| q.map(|q| q.command)) {
             Ok(Some(Ok(c))) => Ok(c),
             Ok(None) => return, // the client closed its stream
             Err(_) => Err(Status::deadline_exceeded(format!(
@@ -327,13 +381,23 @@ fn execute(
         C::Commit(c) => {
             let params = convert::commit(&c, session.model().model.max_context())?;
             check_memory(session, params.decode.max_tokens + lm::WORD_TAIL)?;
+            let gone = || out.is_closed();
             let summary = session
-                .commit(&params, |text| {
-                    send(E::Token(pb::Token {
-                        text: text.to_string(),
-                    }));
-                })
-                .map_err(|e| status_of(&e))?;
+                .commit_until(
+                    &params,
+                    |text| {
+                        send(E::Token(pb::Token {
+                            text: text.to_string(),
+                        }));
+                    },
+                    &gone,
+                )
+                .map_err(|e| {
+                    if matches!(e, lm::LmError::Cancelled) {
+                        shared.metrics.commits_cancelled.inc();
+                    }
+                    status_of(&e)
+                })?;
             shared.metrics.commit(&summary);
             Ok(E::CommitDone(pb::CommitDone {
                 tokens: summary.tokens,

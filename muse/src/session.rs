@@ -163,7 +163,7 @@ impl<'m> DreamSession<'m> {
     pub fn rewind(&mut self, name: &str) -> lm::Result<usize> {
         let cp = self.checkpoints.get(name).cloned().ok_or_else(|| {
             // Bounded: a prefix of the name asked for, and the first few names known.
-            let asked: String = name.chars().take(MAX_CHECKPOINT_CHARS).collect();
+            let asked = mm_kit::text::clip(name, MAX_CHECKPOINT_CHARS);
             let known = self.checkpoint_names();
             let shown = known.len().min(KNOWN_SHOWN);
             LmError::InvalidInput(format!(
@@ -240,11 +240,22 @@ impl<'m> DreamSession<'m> {
     pub fn commit(
         &mut self,
         params: &CommitParams,
+        on_text: impl FnMut(&str),
+    ) -> lm::Result<CommitSummary> {
+        self.commit_until(params, on_text, &|| false)
+    }
+
+    /// [`Self::commit`] that stops with [`lm::LmError::Cancelled`] within a token of
+    /// `cancelled` turning true, leaving the session as it was before the commit.
+    pub fn commit_until(
+        &mut self,
+        params: &CommitParams,
         mut on_text: impl FnMut(&str),
+        cancelled: &dyn Fn() -> bool,
     ) -> lm::Result<CommitSummary> {
         let before = self.snapshot()?;
         let pending = self.pending.take();
-        match self.render_and_decode(params, pending.as_ref(), &mut on_text) {
+        match self.render_and_decode(params, pending.as_ref(), &mut on_text, cancelled) {
             Ok(s) => Ok(s),
             Err(e) => {
                 self.restore(before);
@@ -259,13 +270,15 @@ impl<'m> DreamSession<'m> {
         params: &CommitParams,
         pending: Option<&Pending>,
         on_text: &mut impl FnMut(&str),
+        cancelled: &dyn Fn() -> bool,
     ) -> lm::Result<CommitSummary> {
         let t0 = Instant::now();
         let lm = self.lm;
         let opts = &params.decode;
         opts.sampling.validate()?;
         let mut frontier = self.frontier.clone().ok_or_else(not_primed)?;
-        let mut dec = Decoder::new(lm, opts, self.last_token(&self.history))?;
+        let mut dec =
+            Decoder::new(lm, opts, self.last_token(&self.history))?.cancel_when(cancelled);
         let (mut accepted, mut rendered, mut stop) = (0, String::new(), None);
         let mut think_start = None;
         if let Some(p) = pending {

@@ -384,3 +384,213 @@ async fn an_idle_session_is_closed_with_a_reason_and_frees_its_slot() {
     let primed = s.run(chat("hello")).await;
     assert!(matches!(primed.last(), Some(E::Primed(_))), "{primed:?}");
 }
+
+/// A port no one listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One counter's value from the muse's `/metrics`, read with a bare HTTP/1.0 GET.
+fn counter(metrics: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(metrics).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_stops_when_its_client_goes_away() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = start(&["--metrics", &metrics, "--max-sessions", "1"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ClientCommand>(4);
+    let mut events = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for (id, c) in [(1, chat("Tell me a very long story.")), (2, commit(2000))] {
+        tx.send(pb::ClientCommand {
+            request_id: id,
+            command: Some(c),
+        })
+        .await
+        .unwrap();
+    }
+    // Wait for the commit's first token, then leave without a word.
+    loop {
+        match events.message().await.unwrap().and_then(|e| e.event) {
+            Some(E::Token(_)) => break,
+            Some(E::CommitDone(_)) | None => panic!("the commit ended before it could be left"),
+            _ => {}
+        }
+    }
+    drop(events);
+    drop(tx);
+    // The slot frees once the session ends; had the commit run on, it would have ended as
+    // a completed commit, counted in committed_tokens, not as a cancelled one.
+    let mut reopened = None;
+    for _ in 0..1200 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        reopened = Session::open(&mut client).await.ok();
+        if reopened.is_some() {
+            break;
+        }
+    }
+    assert!(reopened.is_some(), "the session never ended");
+    assert_eq!(counter(&metrics, "muse_commits_cancelled_total"), 1.0);
+    assert_eq!(counter(&metrics, "muse_committed_tokens_total"), 0.0);
+}
+
+/// A raw HTTP/2 muse session stream: one DATA frame per command, as grpcio clients send them
+/// (tonic's client coalesces messages into large frames, which would hide the problem).
+struct RawStream {
+    send: h2::SendStream<bytes::Bytes>,
+    body: h2::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl RawStream {
+    async fn open(client: &mut h2::client::SendRequest<bytes::Bytes>, addr: &str) -> Self {
+        let req = http::Request::post(format!("{addr}/muse.v1.Muse/Session"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        client.clone().ready().await.unwrap();
+        let (resp, send) = client.send_request(req, false).unwrap();
+        let body = resp.await.unwrap().into_body();
+        Self {
+            send,
+            body,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, request_id: u64, command: C) {
+        use prost::Message;
+        let msg = pb::ClientCommand {
+            request_id,
+            command: Some(command),
+        }
+        .encode_to_vec();
+        let mut frame = vec![0u8];
+        frame.extend((msg.len() as u32).to_be_bytes());
+        frame.extend(msg);
+        self.send.send_data(frame.into(), false).unwrap();
+    }
+
+    /// The next event; `None` when the stream ended.
+    async fn next(&mut self) -> Option<pb::ServerEvent> {
+        use prost::Message;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() >= 5 + len {
+                    let msg = pb::ServerEvent::decode(&self.buf[5..5 + len]).unwrap();
+                    self.buf.drain(..5 + len);
+                    return Some(msg);
+                }
+            }
+            let chunk = self.body.data().await?.expect("the stream broke");
+            let _ = self.body.flow_control().release_capacity(chunk.len());
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_pipelined_commands_are_refused_not_a_dead_connection() {
+    let server = start(&[]);
+    let authority = server.addr.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // A second, idle stream on the same connection: h2's GOAWAY would take it down too.
+    let mut bystander = RawStream::open(&mut client, &server.addr).await;
+    let mut flood = RawStream::open(&mut client, &server.addr).await;
+    // A long commit, and behind it 3,000 tiny commands, one frame each, sent at once.
+    let n = 3000u64;
+    flood.send(1, chat("Tell me a long story."));
+    flood.send(2, commit(300));
+    for id in 3..3 + n {
+        flood.send(id, C::Checkpoint(pb::Checkpoint { name: "c".into() }));
+    }
+    flood.send.send_data(bytes::Bytes::new(), true).unwrap(); // the queue drains, then it ends
+    let mut finals = std::collections::HashMap::<u64, E>::new();
+    while let Some(e) = flood.next().await {
+        match e.event {
+            Some(E::Token(_)) | Some(E::Started(_)) | None => {}
+            Some(ev) => assert!(finals.insert(e.request_id, ev).is_none(), "two answers"),
+        }
+    }
+    let (mut done, mut refused) = (0, 0);
+    for id in 3..3 + n {
+        match finals.get(&id) {
+            Some(E::CheckpointSet(_)) => done += 1,
+            Some(E::Error(e)) if e.code == tonic::Code::ResourceExhausted as i32 => {
+                assert!(e.message.contains("pipelined"), "{}", e.message);
+                refused += 1
+            }
+            other => panic!("command {id}: {other:?}"),
+        }
+    }
+    assert!(done > 0 && refused > 0, "{done} done, {refused} refused");
+    assert!(matches!(finals.get(&2), Some(E::CommitDone(_))));
+    // The connection lives: the bystander still dreams on it.
+    bystander.send(1, chat("hello"));
+    loop {
+        match bystander.next().await.and_then(|e| e.event) {
+            Some(E::Primed(_)) => break,
+            Some(E::Started(_)) => {}
+            other => panic!("the bystander got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_idle_streams_do_not_lock_out_new_work() {
+    let server = start(&["--evict-idle-s", "1"]); // 16 sessions at most
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        match Session::open(&mut client).await {
+            Ok(s) => idle.push(s),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((idle.len(), refused), (16, 4));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // New work gets in: the longest-idle stream makes room, and is told why.
+    let mut s = Session::open(&mut client).await.unwrap();
+    s.run(chat("Hello")).await;
+    let done = s.run(commit(4)).await;
+    assert!(matches!(done.last(), Some(E::CommitDone(_))), "{done:?}");
+    // Closing each shows which one made room: its stream holds the reason instead.
+    let mut told = 0;
+    for mut old in idle {
+        match old.run(C::Close(pb::Close {})).await.pop() {
+            Some(E::Closed(_)) => {}
+            Some(E::Error(e)) => {
+                assert_eq!(e.code, tonic::Code::ResourceExhausted as i32);
+                assert!(e.message.contains("evict_idle_s"), "{}", e.message);
+                told += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(told, 1);
+}

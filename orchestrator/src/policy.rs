@@ -411,9 +411,11 @@ mod tests {
 
     #[test]
     fn unset_fields_take_the_defaults_and_zero_is_a_value() {
-        let mut defaults = TurnPolicy::default();
-        defaults.noise = 0.3;
-        defaults.commit_temperature = 0.9;
+        let defaults = TurnPolicy {
+            noise: 0.3,
+            commit_temperature: 0.9,
+            ..Default::default()
+        };
         let asked = pb::DreamPolicy {
             noise: Some(0.0),
             commit_temperature: Some(0.0),

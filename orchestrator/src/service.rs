@@ -139,7 +139,8 @@ impl OrchestratorService {
             }
             if !models.contains(&want) {
                 return Err(Status::failed_precondition(format!(
-                    "roles.{field} `{want}` is not served by any healthy replica (served: {})",
+                    "roles.{field} `{}` is not served by any healthy replica (served: {})",
+                    mm_kit::text::clip(&want, 64),
                     if models.is_empty() {
                         "none".to_string()
                     } else {

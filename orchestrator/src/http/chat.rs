@@ -19,6 +19,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
+use mm_kit::text::clip;
 use mm_proto::orchestrator::v1 as pb;
 use pb::orchestrator_server::Orchestrator;
 use pb::turn_event::Event as TE;
@@ -38,16 +39,7 @@ const ERROR_CHARS: usize = 200;
 
 /// At most `QUOTE_CHARS` of `s`, for messages that name what the client sent.
 fn quote(s: &str) -> String {
-    prefix(s, QUOTE_CHARS)
-}
-
-/// At most `n` characters of `s`, an ellipsis marking a cut.
-fn prefix(s: &str, n: usize) -> String {
-    let mut q: String = s.chars().take(n).collect();
-    if q.len() < s.len() {
-        q.push('…');
-    }
-    q
+    clip(s, QUOTE_CHARS)
 }
 
 /// A model pair's id, as `/v1/models` lists it.
@@ -195,7 +187,7 @@ fn turn_policy(base: &TurnPolicy, r: &ChatRequest) -> Result<TurnPolicy, ApiErro
     let policy: TurnPolicy = serde_json::from_value(Value::Object(p)).map_err(|e| {
         ApiError::bad_request(
             "dream",
-            format!("dream: {}", prefix(&e.to_string(), ERROR_CHARS)),
+            format!("dream: {}", clip(&e.to_string(), ERROR_CHARS)),
         )
     })?;
     policy
