@@ -1,7 +1,7 @@
 //! Serving any of the three services the same way: its routes plus the standard gRPC health
 //! service (reporting it SERVING) and reflection (v1 and v1alpha, listing this port's services
-//! only), on a bound listener, until ctrl-c or SIGTERM, its requests counted in the service's
-//! metrics.
+//! only), on a bound listener, until ctrl-c or SIGTERM (then running calls get [`GRACE`] to
+//! finish), its requests counted in the service's metrics.
 //! Prints `listening on <addr>` on stdout once ready: scripts and tests wait for it.
 
 use crate::metrics::GrpcRequests;
@@ -31,6 +31,7 @@ pub async fn serve_on(
     requests: GrpcRequests,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let service_name_owned = service_name.to_string();
     let addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -44,16 +45,38 @@ pub async fn serve_on(
         .add_service(v1)
         .add_service(v1alpha);
     println!("listening on {addr}");
-    server
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let served = server
         .layer(requests)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        )
-        .await?;
+            async move {
+                shutdown_signal().await;
+                // Probes see it going while running calls finish.
+                reporter
+                    .set_service_status(service_name_owned, tonic_health::ServingStatus::NotServing)
+                    .await;
+                signalled.notify_one();
+            },
+        );
+    tokio::select! {
+        r = served => r?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(GRACE).await;
+        } => {
+            tracing::warn!(grace_s = GRACE.as_secs(), "calls still running after the grace period: exiting");
+        }
+    }
     Ok(())
 }
+
+/// After SIGTERM or ctrl-c, how long running calls (turns, session streams) may take to end
+/// before the process exits anyway; within Kubernetes' default 30 s before it kills. Stores
+/// write a turn whole or not at all, so nothing is left half-done.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Resolves on ctrl-c (SIGINT) or SIGTERM, the signal systemd, Docker and Kubernetes stop a
 /// process with.

@@ -594,3 +594,28 @@ async fn twenty_idle_streams_do_not_lock_out_new_work() {
     }
     assert_eq!(told, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_session_open_still_exits() {
+    let mut server = start(&["--idle-timeout-s", "3600"]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let mut s = Session::open(&mut client).await.unwrap();
+    s.run(chat("Hello")).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The open stream would hold a graceful shutdown for its hour of idle time; the grace
+    // period ends it. (The bound below only guards against a hang.)
+    let mut exited = None;
+    for _ in 0..1200 {
+        exited = server.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(exited.is_some(), "still running two minutes after SIGTERM");
+    drop(s);
+}
