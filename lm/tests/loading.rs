@@ -176,11 +176,17 @@ fn unknown_alias_and_missing_file_say_what_to_use() {
 #[test]
 fn truncated_or_garbage_gguf_is_corrupt_not_a_panic() {
     let src = std::fs::read(smollm_path()).unwrap();
+    // Found by the gguf fuzz target: a tensor of shape [4, 0] aborted inside candle.
+    let empty_shape = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf/crash-empty-tensor-shape"),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in [
         ("header.gguf", &src[..1000]),
         ("half.gguf", &src[..src.len() / 2]),
         ("junk.gguf", &b"not a model at all"[..]),
+        ("empty-shape.gguf", &empty_shape[..]),
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();

@@ -32,16 +32,38 @@ impl GgufFile {
         })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| corrupt(e.to_string()))?;
-        // A truncated download keeps its header: check the tensor data is all there.
+        // A truncated download keeps its header: check the tensor data is all there. A hostile
+        // header may declare empty or astronomically large shapes: candle reads those with
+        // unchecked arithmetic (and an empty one through a misaligned pointer), so they stop here.
         let size = std::fs::metadata(path)?.len();
         for (name, info) in &content.tensor_infos {
-            let bytes = (info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > size {
-                return Err(corrupt(format!(
-                    "tensor `{name}` ends at byte {end} but the file has {size} bytes"
-                )));
+            let dims = info.shape.dims();
+            let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n > 0 && n.is_multiple_of(block));
+            let end = elems
+                .and_then(|n| (n / block).checked_mul(type_size))
+                .and_then(|bytes| {
+                    content
+                        .tensor_data_offset
+                        .checked_add(info.offset)?
+                        .checked_add(bytes as u64)
+                });
+            match end {
+                None => {
+                    return Err(corrupt(format!(
+                        "tensor `{name}` has shape {dims:?}, which is empty, too large or not a whole number of {:?} blocks",
+                        info.ggml_dtype
+                    )))
+                }
+                Some(end) if end > size => {
+                    return Err(corrupt(format!(
+                        "tensor `{name}` ends at byte {end} but the file has {size} bytes"
+                    )))
+                }
+                Some(_) => {}
             }
         }
         Ok(Self {
