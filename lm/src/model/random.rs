@@ -75,9 +75,17 @@ impl RandomTensors {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let c = &self.config;
         let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let leaf = name.rsplit_once(".layers.").map_or(name, |(_, rest)| {
-            rest.split_once('.').map_or(rest, |(_, leaf)| leaf)
-        });
+        // `model.layers.<i>.<leaf>`: only the shape's layers exist.
+        let leaf = match name.rsplit_once(".layers.") {
+            None => name,
+            Some((_, rest)) => {
+                let (index, leaf) = rest.split_once('.')?;
+                if index.parse::<usize>().ok()? >= c.layers {
+                    return None;
+                }
+                leaf
+            }
+        };
         let bias = c.arch == Architecture::Qwen2;
         Some(match leaf {
             "model.embed_tokens.weight" | "lm_head.weight" => vec![c.vocab, c.hidden],
