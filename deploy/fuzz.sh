@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS (default 60) each, starting from
+# Runs every fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS (default 60) each, with libFuzzer's
+# FUZZ_SEED (default 1: CI explores the same inputs on every run; set another to explore), from
 # a scratch copy of the committed corpus (fuzz/corpus/<target>), so new inputs stay out of the
 # tree. A crash stops it with libFuzzer's report and the input under fuzz/artifacts/<target>/;
 # commit that input to fuzz/corpus/<target>/crash-<what> with the fix (tests/corpus.rs replays it).
@@ -17,14 +18,14 @@ else
 fi
 for target in gguf tokenizer chat_template requests; do
     work="target/fuzz-corpus/$target"
-    mkdir -p "$work"
+    rm -rf "$work" && mkdir -p "$work"
     cp fuzz/corpus/"$target"/* "$work"/
     echo "fuzz: $target for ${seconds}s"
     log="target/fuzz-corpus/$target.log"
     # -rss_limit_mb: a harness that allocates past this is a bug (the malloc limit follows it).
     if ! cargo "${toolchain[@]}" fuzz run --features libfuzzer --target-dir target/fuzz \
         --codegen-units 16 "$target" "$work" -- \
-        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 -max_len=65536 \
+        -max_total_time="$seconds" -seed="${FUZZ_SEED:-1}" -timeout=20 -rss_limit_mb=3072 -max_len=65536 \
         -print_final_stats=1 >"$log" 2>&1; then
         tail -n 80 "$log"
         echo "fuzz: $target failed (the input is under fuzz/artifacts/$target/)"
