@@ -260,8 +260,8 @@ mod tests {
 
     #[test]
     fn the_bounds_leave_room_for_long_real_chats() {
-        let t = ChatTemplate::new(Some(CHATML.into()), "<s>".into(), "</s>".into(), |_| true)
-            .unwrap();
+        let t =
+            ChatTemplate::new(Some(CHATML.into()), "<s>".into(), "</s>".into(), |_| true).unwrap();
         let messages: Vec<ChatMessage> = (0..512)
             .map(|i| ChatMessage::new(["user", "assistant"][i % 2], "word ".repeat(800)))
             .collect();

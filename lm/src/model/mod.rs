@@ -402,7 +402,10 @@ impl Model {
         // One NaN or infinity anywhere makes a sum non-finite; finite values cannot overflow
         // it (activations and logits are far below 1e30 over at most millions of entries).
         let finite = |t: &Tensor| -> Result<bool> {
-            Ok(t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+            Ok(t.to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .is_finite())
         };
         if !finite(hidden)? {
             return Err(LmError::NonFiniteLogits);
