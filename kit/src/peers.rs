@@ -23,3 +23,12 @@ pub fn python() -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// A loopback port no one listens on (bound, then released), for a peer or a service's
+/// second listener that must be named before it starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

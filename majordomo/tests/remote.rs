@@ -48,14 +48,6 @@ fn smollm2_gguf() -> PathBuf {
         .expect("the default model is in the cache after fetching it")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -65,7 +57,7 @@ fn tail(path: &Path) -> String {
 /// Starts llama-cpp-python's server and waits until `GET /v1/models` answers. Returns the
 /// process and its API root.
 async fn start_python_server(log: &Path) -> (Proc, String) {
-    let port = free_port();
+    let port = mm_kit::peers::free_port();
     let stderr = std::fs::File::create(log).unwrap();
     let child = Command::new(mm_kit::peers::python().unwrap())
         .args(["-m", "llama_cpp.server", "--model"])

@@ -385,15 +385,6 @@ async fn an_idle_session_is_closed_with_a_reason_and_frees_its_slot() {
     assert!(matches!(primed.last(), Some(E::Primed(_))), "{primed:?}");
 }
 
-/// A port no one listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One counter's value from the muse's `/metrics`, read with a bare HTTP/1.0 GET.
 fn counter(metrics: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
@@ -409,7 +400,7 @@ fn counter(metrics: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_stops_when_its_client_goes_away() {
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", mm_kit::peers::free_port());
     let server = start(&["--metrics", &metrics, "--max-sessions", "1"]);
     let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ClientCommand>(4);

@@ -556,15 +556,6 @@ async fn fresh_seeds_differ_a_seed_replays_and_a_long_story_does_not_loop() {
     }
 }
 
-/// A port no one listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The services a port's reflection lists, over v1 and v1alpha.
 async fn reflected(addr: &str) -> (Vec<String>, Vec<String>) {
     use tonic_reflection::pb::{v1, v1alpha};
@@ -619,7 +610,7 @@ async fn documented_environment_configuration_and_reflection_work() {
     let dir = tempfile::tempdir().unwrap();
     let m = muse("smollm2-135m");
     let md = majordomo();
-    let port = free_port();
+    let port = mm_kit::peers::free_port();
     let listen = format!("127.0.0.1:{port}");
     let store = dir.path().join("s.redb");
     let orch = spawn_env(
@@ -746,7 +737,7 @@ async fn get(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_client_completes_streams_and_continues_sessions() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", mm_kit::peers::free_port());
     let m = spawn(
         "muse",
         &[
@@ -759,7 +750,7 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
             &metrics,
         ],
     );
-    let md_metrics = format!("127.0.0.1:{}", free_port());
+    let md_metrics = format!("127.0.0.1:{}", mm_kit::peers::free_port());
     let md = majordomo_with(&["--metrics", &md_metrics]);
     let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
     let http = orch
