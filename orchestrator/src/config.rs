@@ -2,6 +2,7 @@
 //! file, then `MM_*` environment (`MM_LISTEN`, `MM_POLICY__STEPS`, `MM_MUSE=a,b`), then flags.
 
 use crate::ceiling::Ceiling;
+use crate::discovery::Entry;
 use crate::policy::TurnPolicy;
 use mm_kit::config::{self, ConfigError, Overrides, Sources};
 use serde::{Deserialize, Serialize};
@@ -17,9 +18,11 @@ pub struct Config {
     pub http: String,
     /// The session store (a redb file).
     pub store: PathBuf,
-    /// Muse replicas, e.g. `http://127.0.0.1:50051`.
+    /// Muse replicas: a URL (`http://127.0.0.1:50051`) is one replica; `dns://NAME:PORT` is
+    /// one per address NAME resolves to (a headless Service, a Docker network alias),
+    /// re-resolved every `health_interval_s` so replicas come and go with the answer.
     pub muse: Vec<String>,
-    /// Majordomo replicas.
+    /// Majordomo replicas, as `muse`.
     pub majordomo: Vec<String>,
     /// The dream policy of new sessions, where their request leaves a field unset.
     pub policy: TurnPolicy,
@@ -139,15 +142,8 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(e) = self
-            .muse
-            .iter()
-            .chain(&self.majordomo)
-            .find(|e| !e.starts_with("http://") && !e.starts_with("https://"))
-        {
-            return bad(format!(
-                "replica `{e}` must be a URL like http://127.0.0.1:50051"
-            ));
+        for e in self.muse.iter().chain(&self.majordomo) {
+            Entry::parse(e).map_err(|e| ConfigError::Message(e.to_string()))?;
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => {
@@ -195,14 +191,39 @@ mod tests {
             "the example documents the defaults"
         );
         assert_eq!(c.per_replica, 8);
-        let bad = Flags {
-            muse: vec!["a:1".into()],
-            ..Default::default()
+    }
+
+    #[test]
+    fn replicas_are_urls_or_dns_names_with_a_port() {
+        let load = |muse: &str| {
+            let flags = Flags {
+                muse: vec![muse.into()],
+                ..Default::default()
+            };
+            Config::load(&flags, environment(&[]))
         };
-        assert!(Config::load(&bad, environment(&[]))
-            .unwrap_err()
-            .to_string()
-            .contains("must be a URL"));
+        for good in [
+            "http://a:1",
+            "https://a:1",
+            "dns://muse:50051",
+            "dns://muse.default.svc.cluster.local:50051",
+        ] {
+            assert_eq!(load(good).unwrap().muse, [good]);
+        }
+        for bad in ["a:1", "dns://muse", "dns://:1", "dns://muse:0", "tcp://a:1"] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("replica `{bad}`"))
+                    && e.contains("http(s)://host:port or dns://name:port"),
+                "{bad}: {e}"
+            );
+        }
+        let mixed = Config::load(
+            &Flags::default(),
+            environment(&[("MM_MAJORDOMO", "http://a:1,dns://majordomo:50052")]),
+        )
+        .unwrap();
+        assert_eq!(mixed.majordomo, ["http://a:1", "dns://majordomo:50052"]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod ceiling;
 pub mod config;
 pub mod critic;
+pub mod discovery;
 pub mod failover;
 pub mod history;
 pub mod http;

@@ -1,8 +1,8 @@
 //! What the orchestrator counts for Prometheus (`GET /metrics` on its HTTP port): turns and
 //! how they ended, attempts and verdicts, the dream (latent steps, bursts by why they stopped),
-//! failovers, calls queued for a replica, sessions with a turn running, latencies of turns,
-//! critiques and commits, committed tokens (over commit seconds: tokens per second), and
-//! requests by gRPC code and HTTP status.
+//! failovers, replicas and the calls queued for them, sessions with a turn running, latencies
+//! of turns, critiques and commits, committed tokens (over commit seconds: tokens per second),
+//! and requests by gRPC code and HTTP status.
 
 use crate::render;
 use crate::replicas::Role;
@@ -56,6 +56,7 @@ pub struct Metrics {
     bursts: Family<Label, Counter>,
     failovers: Counter,
     queued: Family<Label, Gauge>,
+    replicas: Family<Label, Gauge>,
     /// Sessions with a turn running.
     pub active_sessions: Gauge,
     turn_seconds: Histogram,
@@ -80,6 +81,12 @@ impl Default for Metrics {
             "queued_calls",
             "Calls waiting for a replica slot, by role",
             queued.clone(),
+        );
+        let replicas = Family::<Label, Gauge>::default();
+        r.register(
+            "replicas",
+            "Replicas known (configured or resolved), by role",
+            replicas.clone(),
         );
         let active_sessions = Gauge::default();
         r.register(
@@ -119,6 +126,7 @@ impl Default for Metrics {
             bursts,
             failovers,
             queued,
+            replicas,
             active_sessions,
             turn_seconds,
             critique_seconds,
@@ -133,6 +141,13 @@ impl Metrics {
     /// The gauge of calls waiting for a slot on `role`'s replicas (the pool keeps it).
     pub fn queue(&self, role: Role) -> Gauge {
         self.queued
+            .get_or_create(&label("role", role.name()))
+            .clone()
+    }
+
+    /// The gauge of `role`'s replicas (the pool keeps it as DNS answers change).
+    pub fn replicas(&self, role: Role) -> Gauge {
+        self.replicas
             .get_or_create(&label("role", role.name()))
             .clone()
     }

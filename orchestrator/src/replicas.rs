@@ -1,12 +1,13 @@
-//! Replica pools: the muse and majordomo endpoints of each role, health-checked, each with a
-//! fair (FIFO) limit on concurrent work. A replica is picked per call among the healthy ones
-//! that serve the wanted model, least loaded first.
+//! Replica pools: the muse and majordomo endpoints of each role, found by [`crate::discovery`]
+//! and health-checked, each with a fair (FIFO) limit on concurrent work. A replica is picked
+//! per call among the healthy ones that serve the wanted model, least loaded first.
 
+use crate::discovery::{Discovery, Resolve};
 use mm_proto::majordomo::v1 as mpb;
 use mm_proto::muse::v1 as upb;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
@@ -38,6 +39,27 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// A replica at `endpoint`, connected on first use.
+    fn new(
+        endpoint: String,
+        role: Role,
+        per_replica: usize,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(endpoint.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            endpoint,
+            role,
+            channel,
+            model: Mutex::new(String::new()),
+            healthy: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            slots: Arc::new(Semaphore::new(per_replica)),
+        })
+    }
+
     pub fn model(&self) -> String {
         self.model.lock().expect("model lock").clone()
     }
@@ -92,56 +114,105 @@ impl Drop for Lease {
     }
 }
 
+/// A role's replicas, live: `dns://` entries are re-resolved by [`Pool::refresh`], which adds
+/// and drops replicas. A dropped replica's calls finish on their lease's `Arc`; new calls no
+/// longer see it.
 pub struct Pool {
     pub role: Role,
-    pub replicas: Vec<Arc<Replica>>,
+    per_replica: usize,
+    discovery: Discovery,
+    /// One per endpoint, in the order of the entries; the same `Arc` as long as its endpoint
+    /// stays, so its channel, health and load survive re-resolution.
+    replicas: RwLock<Vec<Arc<Replica>>>,
     /// Calls waiting for a slot (a metric).
     waiting: Gauge,
+    /// Replicas known (a metric).
+    known: Gauge,
 }
 
 impl Pool {
+    /// The URL entries' replicas at once; `dns://` ones from the first [`Pool::refresh`].
     pub fn new(
         role: Role,
-        endpoints: &[String],
+        entries: &[String],
         per_replica: usize,
         waiting: Gauge,
+        known: Gauge,
     ) -> anyhow::Result<Self> {
-        let replicas = endpoints
-            .iter()
-            .map(|e| {
-                let channel = Endpoint::from_shared(e.clone())?
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                Ok(Arc::new(Replica {
-                    endpoint: e.clone(),
-                    role,
-                    channel,
-                    model: Mutex::new(String::new()),
-                    healthy: AtomicBool::new(false),
-                    in_flight: AtomicUsize::new(0),
-                    slots: Arc::new(Semaphore::new(per_replica)),
-                }))
-            })
+        let discovery = Discovery::new(entries)?;
+        let replicas = discovery
+            .current()
+            .into_iter()
+            .map(|e| Ok(Arc::new(Replica::new(e, role, per_replica)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        known.set(replicas.len() as i64);
         Ok(Self {
             role,
-            replicas,
+            per_replica,
+            discovery,
+            replicas: RwLock::new(replicas),
             waiting,
+            known,
         })
     }
 
-    /// Checks every replica once, one after the other (a down one costs `timeout`).
-    pub async fn check_all(&self, timeout: Duration) {
-        for r in &self.replicas {
+    /// The replicas now (a snapshot: a refresh may change the pool meanwhile).
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.replicas.read().expect("replicas lock").clone()
+    }
+
+    /// Re-resolves the `dns://` entries, adding and dropping replicas, then checks every
+    /// replica one after the other (a down one costs `timeout`), the ones just added too, so
+    /// they serve from now on.
+    pub async fn refresh(&self, dns: &impl Resolve, timeout: Duration) {
+        self.resolve(dns).await;
+        for r in self.replicas() {
             r.check(timeout).await;
         }
+    }
+
+    /// Re-resolves the `dns://` entries and makes the replicas match the endpoints.
+    async fn resolve(&self, dns: &impl Resolve) {
+        let wanted = self.discovery.refresh(dns).await;
+        let mut replicas = self.replicas.write().expect("replicas lock");
+        let mut next = Vec::with_capacity(wanted.len());
+        for endpoint in wanted {
+            if let Some(r) = replicas.iter().find(|r| r.endpoint == endpoint) {
+                next.push(r.clone());
+                continue;
+            }
+            match Replica::new(endpoint, self.role, self.per_replica) {
+                Ok(r) => {
+                    tracing::info!(
+                        role = self.role.name(),
+                        replica = r.endpoint,
+                        "replica added"
+                    );
+                    next.push(Arc::new(r));
+                }
+                Err(e) => {
+                    tracing::warn!(role = self.role.name(), error = %e, "unusable replica address")
+                }
+            }
+        }
+        for r in replicas
+            .iter()
+            .filter(|r| !next.iter().any(|n| Arc::ptr_eq(n, r)))
+        {
+            tracing::info!(
+                role = self.role.name(),
+                replica = r.endpoint,
+                "replica dropped"
+            );
+        }
+        self.known.set(next.len() as i64);
+        *replicas = next;
     }
 
     /// Models the healthy replicas serve.
     pub fn models(&self) -> Vec<String> {
         let mut m: Vec<String> = self
-            .replicas
+            .replicas()
             .iter()
             .filter(|r| r.is_healthy())
             .map(|r| r.model())
@@ -153,7 +224,7 @@ impl Pool {
 
     /// The endpoint a call for `model` would go to next, leaving out `exclude`.
     pub fn next(&self, model: &str, exclude: &[String]) -> Option<String> {
-        self.replicas
+        self.replicas()
             .iter()
             .find(|r| r.is_healthy() && r.model() == model && !exclude.contains(&r.endpoint))
             .map(|r| r.endpoint.clone())
@@ -163,7 +234,7 @@ impl Pool {
     /// until the lease drops. Waits (FIFO) for a slot; None when no replica fits.
     pub async fn lease(&self, model: &str, exclude: &[String]) -> Option<Lease> {
         let candidate = self
-            .replicas
+            .replicas()
             .iter()
             .filter(|r| {
                 r.is_healthy()
@@ -187,5 +258,101 @@ impl Pool {
             replica: candidate,
             _permit: permit,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::io;
+    use std::net::SocketAddr;
+
+    /// Answers each lookup of `muse:50051` with the next of a fixed sequence.
+    struct Answers(Mutex<VecDeque<io::Result<Vec<SocketAddr>>>>);
+
+    impl Resolve for Answers {
+        async fn resolve(&self, name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+            assert_eq!((name, port), ("muse", 50051));
+            let next = self.0.lock().unwrap().pop_front();
+            next.expect("an answer per lookup")
+        }
+    }
+
+    fn endpoints(pool: &Pool) -> Vec<String> {
+        pool.replicas().iter().map(|r| r.endpoint.clone()).collect()
+    }
+
+    fn replica(pool: &Pool, endpoint: &str) -> Arc<Replica> {
+        pool.replicas()
+            .into_iter()
+            .find(|r| r.endpoint == endpoint)
+            .unwrap_or_else(|| panic!("no {endpoint}"))
+    }
+
+    #[tokio::test]
+    async fn re_resolution_adds_and_drops_replicas_keeping_the_unchanged_ones() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (a, b, c) = (
+            addr("10.0.0.1:50051"),
+            addr("10.0.0.2:50051"),
+            addr("[fd00::3]:50051"),
+        );
+        let dns = Answers(Mutex::new(VecDeque::from([
+            Ok(vec![b, a]),
+            Ok(vec![c, a, b, a]),
+            Ok(vec![b, c]),
+            Err(io::Error::other("SERVFAIL")),
+            Ok(vec![]),
+        ])));
+        let known = Gauge::default();
+        let entries = ["http://static:1".into(), "dns://muse:50051".into()];
+        let pool = Pool::new(Role::Muse, &entries, 1, Gauge::default(), known.clone()).unwrap();
+        let (sa, sb, sc) = (
+            "http://10.0.0.1:50051",
+            "http://10.0.0.2:50051",
+            "http://[fd00::3]:50051",
+        );
+        assert_eq!(endpoints(&pool), ["http://static:1"], "no lookup yet");
+        let fixed = replica(&pool, "http://static:1");
+
+        pool.resolve(&dns).await;
+        assert_eq!(endpoints(&pool), ["http://static:1", sa, sb]);
+        assert_eq!(known.get(), 3);
+        let (first_a, first_b) = (replica(&pool, sa), replica(&pool, sb));
+        // Only `a` is healthy: it takes the next call, which is still running when `a` goes.
+        first_a.healthy.store(true, Ordering::Relaxed);
+        let lease = pool.lease("", &[]).await.expect("a serves");
+
+        pool.resolve(&dns).await;
+        assert_eq!(endpoints(&pool), ["http://static:1", sa, sb, sc]);
+        assert!(Arc::ptr_eq(&replica(&pool, sa), &first_a));
+        assert!(Arc::ptr_eq(&replica(&pool, sb), &first_b));
+
+        pool.resolve(&dns).await;
+        assert_eq!(endpoints(&pool), ["http://static:1", sb, sc], "a dropped");
+        assert_eq!(known.get(), 3);
+        assert!(Arc::ptr_eq(&replica(&pool, sb), &first_b));
+        let c_now = replica(&pool, sc);
+        assert_eq!(lease.replica.endpoint, sa, "a's call goes on");
+        assert!(pool.lease("", &[]).await.is_none(), "no new call picks a");
+        drop(lease);
+
+        pool.resolve(&dns).await;
+        assert_eq!(
+            endpoints(&pool),
+            ["http://static:1", sb, sc],
+            "a failed lookup keeps the previous set"
+        );
+        assert!(Arc::ptr_eq(&replica(&pool, sc), &c_now));
+
+        pool.resolve(&dns).await;
+        assert_eq!(
+            endpoints(&pool),
+            ["http://static:1"],
+            "an empty answer drops"
+        );
+        assert_eq!(known.get(), 1);
+        assert!(Arc::ptr_eq(&replica(&pool, "http://static:1"), &fixed));
     }
 }

@@ -52,12 +52,14 @@ impl OrchestratorService {
             &cfg.muse,
             cfg.per_replica,
             metrics.queue(Role::Muse),
+            metrics.replicas(Role::Muse),
         )?;
         let majordomo = Pool::new(
             Role::Majordomo,
             &cfg.majordomo,
             cfg.per_replica,
             metrics.queue(Role::Majordomo),
+            metrics.replicas(Role::Majordomo),
         )?;
         let turns = Arc::new(Semaphore::new(cfg.max_turns));
         let shared = Shared {
@@ -79,18 +81,22 @@ impl OrchestratorService {
         &self.shared
     }
 
-    /// Health-checks every replica now, then every `health_interval_s` in the background.
+    /// Resolves the `dns://` replica entries and health-checks every replica now, then every
+    /// `health_interval_s` in the background (replicas come and go with the DNS answers).
     pub async fn start_health_checks(&self) {
         let s = self.shared.clone();
         let timeout = Duration::from_secs(1);
-        s.muse.check_all(timeout).await;
-        s.majordomo.check_all(timeout).await;
+        let dns = crate::discovery::SystemResolver {
+            timeout: Duration::from_secs(2),
+        };
+        s.muse.refresh(&dns, timeout).await;
+        s.majordomo.refresh(&dns, timeout).await;
         let interval = Duration::from_secs(s.cfg.health_interval_s.max(1));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                s.muse.check_all(timeout).await;
-                s.majordomo.check_all(timeout).await;
+                s.muse.refresh(&dns, timeout).await;
+                s.majordomo.refresh(&dns, timeout).await;
             }
         });
     }
