@@ -4,6 +4,7 @@
 use crate::ceiling::Ceiling;
 use crate::discovery::Entry;
 use crate::policy::TurnPolicy;
+use crate::store::Location;
 use mm_kit::config::{self, ConfigError, Overrides, Sources};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -16,8 +17,9 @@ pub struct Config {
     pub listen: String,
     /// Address of the HTTP API (OpenAI-compatible chat completions, `/metrics`).
     pub http: String,
-    /// The session store (a redb file).
-    pub store: PathBuf,
+    /// The session store: a redb file (one orchestrator), or `postgres://user@host/db`, which
+    /// several orchestrators share (`MM_STORE`).
+    pub store: Location,
     /// Muse replicas: a URL (`http://127.0.0.1:50051`) is one replica; `dns://NAME:PORT` is
     /// one per address NAME resolves to (a headless Service, a Docker network alias),
     /// re-resolved every `health_interval_s` so replicas come and go with the answer.
@@ -36,6 +38,9 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Transcript characters given to the muse verbatim; older turns are folded into a summary.
     pub history_chars: usize,
+    /// Seconds a turn's lease on its session lasts unless renewed (every third of it): with a
+    /// shared store, how long a dead orchestrator's session waits before another takes it.
+    pub turn_lease_s: u64,
     /// Seconds between health checks of the replicas.
     pub health_interval_s: u64,
     /// A bearer token for one tenant, `default` (`MM_API_TOKEN`); with `api_tokens_file`,
@@ -57,7 +62,7 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:50050".into(),
             http: "127.0.0.1:50080".into(),
-            store: "mm-data/sessions.redb".into(),
+            store: Location::File("mm-data/sessions.redb".into()),
             muse: vec!["http://127.0.0.1:50051".into()],
             majordomo: vec!["http://127.0.0.1:50052".into()],
             policy: TurnPolicy::default(),
@@ -66,6 +71,7 @@ impl Default for Config {
             call_timeout_s: 120,
             max_message_chars: 4000,
             history_chars: 3000,
+            turn_lease_s: 30,
             health_interval_s: 2,
             api_token: None,
             api_tokens_file: None,
@@ -87,8 +93,9 @@ pub struct Flags {
     /// The HTTP API's address (OpenAI-compatible `/v1`, `/metrics`).
     #[arg(long)]
     pub http: Option<String>,
+    /// The session store: a redb file, or a postgres:// URL (shared by several orchestrators).
     #[arg(long)]
-    pub store: Option<PathBuf>,
+    pub store: Option<String>,
     /// A muse replica's address (repeatable).
     #[arg(long = "muse")]
     pub muse: Vec<String>,
@@ -120,7 +127,7 @@ impl Config {
             overrides: Overrides::default()
                 .set("listen", flags.listen.clone())
                 .set("http", flags.http.clone())
-                .set("store", path(&flags.store))
+                .set("store", flags.store.clone())
                 .set("muse", list(&flags.muse))
                 .set("majordomo", list(&flags.majordomo))
                 .set("max_turns", flags.max_turns.map(|x| x as u64))
@@ -160,8 +167,8 @@ impl Config {
             }
             _ => {}
         }
-        if self.max_turns == 0 || self.per_replica == 0 {
-            return bad("max_turns and per_replica must be >= 1".into());
+        if self.max_turns == 0 || self.per_replica == 0 || self.turn_lease_s < 3 {
+            return bad("max_turns and per_replica must be >= 1, turn_lease_s >= 3".into());
         }
         self.policy
             .validate()

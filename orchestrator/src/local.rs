@@ -2,7 +2,6 @@
 //! started from the binaries beside the running one (`mm`, `mm-eval`), stopped when dropped.
 
 use anyhow::{Context, Result};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 /// What to start.
@@ -14,8 +13,8 @@ pub struct Launch {
     /// The orchestrator's gRPC and HTTP addresses (the model services get free ports).
     pub listen: String,
     pub http: String,
-    /// The session store.
-    pub store: PathBuf,
+    /// The session store: a redb file, or a postgres:// URL.
+    pub store: String,
     /// CPU threads per model service.
     pub threads: Option<usize>,
     /// Orchestrator settings passed on as environment (`MM_POLICY__REPLY_TOKENS`, …).
@@ -126,7 +125,7 @@ impl Services {
             "--http".into(),
             a.http.clone(),
             "--store".into(),
-            a.store.display().to_string(),
+            a.store.clone(),
             "--muse".into(),
             s.muse.clone(),
             "--majordomo".into(),

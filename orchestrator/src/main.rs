@@ -74,9 +74,9 @@ pub struct UpArgs {
     /// The orchestrator's HTTP API (OpenAI-compatible `/v1`, `/metrics`).
     #[arg(long, default_value = "127.0.0.1:50080")]
     pub http: String,
-    /// The session store.
+    /// The session store: a redb file, or a postgres:// URL.
     #[arg(long, default_value = "mm-data/sessions.redb")]
-    pub store: std::path::PathBuf,
+    pub store: String,
     /// CPU threads per model service.
     #[arg(long)]
     pub threads: Option<usize>,

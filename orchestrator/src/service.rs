@@ -7,13 +7,12 @@ use crate::history;
 use crate::metrics::Metrics;
 use crate::policy::TurnPolicy;
 use crate::replicas::{Pool, Role};
-use crate::store::Store;
+use crate::store::{Deleted, Lease, Store, StoreError, Updated};
 use crate::tls::ServerTls;
 use crate::turn::{self, TurnContext};
 use mm_proto::orchestrator::v1 as pb;
-use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
@@ -29,8 +28,6 @@ pub struct Shared {
     pub majordomo: Pool,
     pub metrics: Metrics,
     turns: Arc<Semaphore>,
-    /// Sessions with a turn in progress: one turn per session at a time.
-    busy: Mutex<HashSet<String>>,
 }
 
 #[derive(Clone)]
@@ -38,13 +35,22 @@ pub struct OrchestratorService {
     shared: Arc<Shared>,
 }
 
-fn store_err(e: crate::store::StoreError) -> Status {
-    Status::internal(e.to_string())
+fn store_err(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(_) => Status::unavailable(format!("{e}: retry shortly")),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn session_busy(id: &str) -> Status {
+    Status::failed_precondition(format!(
+        "session `{id}` already has a turn in progress: wait for it to end"
+    ))
 }
 
 impl OrchestratorService {
-    pub fn new(cfg: Config) -> anyhow::Result<Self> {
-        let store = Store::open(&cfg.store)?;
+    pub async fn new(cfg: Config) -> anyhow::Result<Self> {
+        let store = Store::open(&cfg.store, Duration::from_secs(cfg.turn_lease_s)).await?;
         let tokens = Tokens::load(cfg.api_token.as_deref(), cfg.api_tokens_file.as_deref())?;
         let metrics = Metrics::default();
         let muse = Pool::new(
@@ -70,7 +76,6 @@ impl OrchestratorService {
             majordomo,
             metrics,
             turns,
-            busy: Mutex::new(HashSet::new()),
         };
         Ok(Self {
             shared: Arc::new(shared),
@@ -110,11 +115,12 @@ impl OrchestratorService {
     }
 
     /// The session `id`, if `caller` may see it (another tenant's is as unknown as none).
-    pub(crate) fn load(&self, id: &str, caller: &Caller) -> Result<pb::Session, Status> {
+    pub(crate) async fn load(&self, id: &str, caller: &Caller) -> Result<pb::Session, Status> {
         checked_id(id)?;
         self.shared
             .store
             .get(id)
+            .await
             .map_err(store_err)?
             .filter(|s| caller.may_see(&s.owner))
             .ok_or_else(|| unknown_session(id))
@@ -284,6 +290,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 .shared
                 .store
                 .list()
+                .await
                 .map_err(store_err)?
                 .iter()
                 .filter(|s| s.owner == caller.owner())
@@ -327,7 +334,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             owner: caller.owner().to_string(),
             ..Default::default()
         };
-        self.shared.store.put(&s).map_err(store_err)?;
+        self.shared.store.put(&s).await.map_err(store_err)?;
         Ok(Response::new(s))
     }
 
@@ -336,7 +343,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let caller = Caller::of(&request);
-        let mut s = self.load(&request.into_inner().session_id, &caller)?;
+        let mut s = self.load(&request.into_inner().session_id, &caller).await?;
         s.turn_count = s.turns.len() as u32;
         Ok(Response::new(s))
     }
@@ -350,6 +357,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             .shared
             .store
             .list()
+            .await
             .map_err(store_err)?
             .into_iter()
             .filter(|s| caller.may_see(&s.owner))
@@ -364,16 +372,14 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let caller = Caller::of(&request);
         let id = request.into_inner().session_id;
-        self.load(&id, &caller)?;
-        if self.shared.busy.lock().expect("busy lock").contains(&id) {
-            return Err(Status::failed_precondition(format!(
+        self.load(&id, &caller).await?;
+        match self.shared.store.delete(&id).await.map_err(store_err)? {
+            Deleted::Done => Ok(Response::new(pb::DeleteSessionResponse {})),
+            Deleted::Missing => Err(unknown_session(&id)),
+            Deleted::Leased => Err(Status::failed_precondition(format!(
                 "session `{id}` has a turn in progress: delete it when the turn ends"
-            )));
+            ))),
         }
-        if !self.shared.store.delete(&id).map_err(store_err)? {
-            return Err(unknown_session(&id));
-        }
-        Ok(Response::new(pb::DeleteSessionResponse {}))
     }
 
     async fn set_roles(
@@ -382,11 +388,19 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
     ) -> Result<Response<pb::Session>, Status> {
         let caller = Caller::of(&request);
         let r = request.into_inner();
-        let mut s = self.load(&r.session_id, &caller)?;
+        let s = self.load(&r.session_id, &caller).await?;
         let roles = self.resolve_roles(r.roles, s.roles.as_ref())?;
-        s.roles = Some(roles);
-        self.shared.store.put(&s).map_err(store_err)?;
-        Ok(Response::new(without_turns(s)))
+        // An update, not a put: a turn appended meanwhile (on any orchestrator) stays.
+        match self
+            .shared
+            .store
+            .update(&s.id, None, |s| s.roles = Some(roles.clone()))
+            .await
+            .map_err(store_err)?
+        {
+            Updated::Done(s) => Ok(Response::new(without_turns(*s))),
+            Updated::Missing | Updated::LeaseLost => Err(unknown_session(&s.id)),
+        }
     }
 
     type TurnStream = TurnStream;
@@ -405,7 +419,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         }
         within("message", &message, self.shared.cfg.max_message_chars)?;
         let stop = stop_strings(r.stop)?;
-        let session = self.load(&r.session_id, &caller)?;
+        let session = self.load(&r.session_id, &caller).await?;
         // Sessions store their policy resolved; older ones lack the newer fields (defaults).
         let session_policy = self.policy(session.policy)?;
         let policy = TurnPolicy::resolve(&r.policy.unwrap_or_default(), &session_policy)
@@ -420,16 +434,27 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                 .insert("retry-after-ms", "2000".parse().expect("ascii"));
             s
         })?;
+        let lease = match self
+            .shared
+            .store
+            .lease(&session.id)
+            .await
+            .map_err(store_err)?
         {
-            let mut busy = self.shared.busy.lock().expect("busy lock");
-            if !busy.insert(session.id.clone()) {
-                return Err(Status::failed_precondition(format!(
-                    "session `{}` already has a turn in progress",
-                    session.id
-                )));
-            }
-            self.shared.metrics.active_sessions.set(busy.len() as i64);
-        }
+            Lease::Acquired(lease) => lease,
+            Lease::Held => return Err(session_busy(&session.id)),
+            Lease::Missing => return Err(unknown_session(&session.id)),
+        };
+        // Read again under the lease: with a shared store, another orchestrator may have
+        // appended a turn since the read above.
+        let session = self
+            .shared
+            .store
+            .get(&session.id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| unknown_session(&session.id))?;
+        self.shared.metrics.active_sessions.inc();
         let verbosity = pb::Verbosity::try_from(r.verbosity).unwrap_or(pb::Verbosity::Sampled);
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
@@ -456,57 +481,55 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             let result = turn::run(&ctx, &session, &policy, &message, &stop).await;
             let outcome = match result {
                 Ok(turn) => {
-                    // Re-read: SetRoles may have changed the session meanwhile; the turn is appended.
-                    let persisted = shared
+                    let (prompt_tokens, reply_tokens) = turn
+                        .attempts
+                        .get(turn.chosen_attempt.saturating_sub(1) as usize)
+                        .map(|a| (a.prompt_tokens, a.reply_tokens))
+                        .unwrap_or_default();
+                    let mut reply = pb::Reply {
+                        turn: turn.index,
+                        text: turn.reply.clone(),
+                        attempt: turn.chosen_attempt,
+                        prompt_tokens,
+                        reply_tokens,
+                        ..Default::default()
+                    };
+                    // Appended to what is stored now (SetRoles may have changed the session),
+                    // and only while this turn still holds the session's lease.
+                    let t_persist = std::time::Instant::now();
+                    let appended = shared
                         .store
-                        .get(&id)
-                        .map_err(store_err)
-                        .and_then(|s| {
-                            s.ok_or_else(|| {
-                                Status::not_found(format!(
-                                    "session `{id}` was deleted during the turn"
-                                ))
-                            })
-                        })
-                        .and_then(|mut s| {
-                            let (prompt_tokens, reply_tokens) = turn
-                                .attempts
-                                .get(turn.chosen_attempt.saturating_sub(1) as usize)
-                                .map(|a| (a.prompt_tokens, a.reply_tokens))
-                                .unwrap_or_default();
-                            let mut reply = pb::Reply {
-                                turn: turn.index,
-                                text: turn.reply.clone(),
-                                attempt: turn.chosen_attempt,
-                                prompt_tokens,
-                                reply_tokens,
-                                ..Default::default()
-                            };
-                            s.turns.push(turn);
-                            if let Some((summary, through)) = folded {
-                                s.summary = summary;
-                                s.summarized_turns = through;
+                        .update(&id, Some(&lease), |s| {
+                            s.turns.push(turn.clone());
+                            if let Some((summary, through)) = &folded {
+                                s.summary = summary.clone();
+                                s.summarized_turns = *through;
                             }
-                            let t_persist = std::time::Instant::now();
-                            shared.store.put(&s).map_err(store_err)?;
+                        })
+                        .await
+                        .map_err(store_err);
+                    match appended {
+                        Ok(Updated::Done(_)) => {
                             reply.persist_millis = t_persist.elapsed().as_secs_f64() * 1e3;
                             reply.total_millis = t_turn.elapsed().as_secs_f64() * 1e3;
-                            if let Some(turn) = s.turns.last() {
-                                shared.metrics.turn(turn, reply.total_millis / 1e3);
-                            }
-                            Ok(reply)
-                        });
-                    persisted.map(|reply| pb::TurnEvent {
-                        event: Some(pb::turn_event::Event::Reply(reply)),
-                    })
+                            shared.metrics.turn(&turn, reply.total_millis / 1e3);
+                            Ok(pb::TurnEvent {
+                                event: Some(pb::turn_event::Event::Reply(reply)),
+                            })
+                        }
+                        Ok(Updated::Missing) => Err(Status::not_found(format!(
+                            "session `{id}` was deleted during the turn"
+                        ))),
+                        Ok(Updated::LeaseLost) => Err(Status::aborted(format!(
+                            "session `{id}`: this turn outlived its lease and another orchestrator took the session over; the turn was not stored"
+                        ))),
+                        Err(e) => Err(e),
+                    }
                 }
                 Err(e) => Err(e),
             };
-            {
-                let mut busy = shared.busy.lock().expect("busy lock");
-                busy.remove(&id);
-                shared.metrics.active_sessions.set(busy.len() as i64);
-            }
+            shared.store.release(lease).await;
+            shared.metrics.active_sessions.dec();
             let last = match outcome {
                 Ok(ev) => Ok(ev),
                 Err(e) => {
@@ -536,7 +559,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(ServerTls::load(cert, key)?),
         _ => None,
     };
-    let service = OrchestratorService::new(cfg)?;
+    let service = OrchestratorService::new(cfg).await?;
     service.start_health_checks().await;
     let http = crate::http::serve(&http, service.clone(), tls.as_ref().map(|t| t.http.clone()))
         .await

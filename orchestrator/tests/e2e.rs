@@ -85,11 +85,16 @@ fn majordomo_with(extra: &[&str]) -> Proc {
     spawn("majordomo", &args)
 }
 
-fn orchestrator(store: &Path, muses: &[&Proc], md: &Proc) -> Proc {
+fn orchestrator(store: impl AsRef<std::ffi::OsStr>, muses: &[&Proc], md: &Proc) -> Proc {
     orchestrator_env(store, muses, md, &[])
 }
 
-fn orchestrator_env(store: &Path, muses: &[&Proc], md: &Proc, env: &[(&str, &str)]) -> Proc {
+fn orchestrator_env(
+    store: impl AsRef<std::ffi::OsStr>,
+    muses: &[&Proc],
+    md: &Proc,
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--listen".into(),
@@ -97,7 +102,7 @@ fn orchestrator_env(store: &Path, muses: &[&Proc], md: &Proc, env: &[(&str, &str
         "--http".into(),
         "127.0.0.1:0".into(),
         "--store".into(),
-        store.display().to_string(),
+        store.as_ref().to_string_lossy().into_owned(),
     ];
     for m in muses {
         args.extend(["--muse".into(), m.addr.clone()]);
@@ -334,7 +339,7 @@ async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
     let a = muse("smollm2-135m");
     let b = muse("smollm2-135m");
     let md = majordomo();
-    let orch = orchestrator(&dir.path().join("s.redb"), &[&a, &b], &md);
+    let orch = orchestrator(dir.path().join("s.redb"), &[&a, &b], &md);
     let mut c = client(&orch).await;
     let s = c
         .create_session(pb::CreateSessionRequest {
@@ -389,6 +394,109 @@ async fn a_muse_killed_mid_turn_fails_over_and_nothing_is_lost() {
     assert!(!got.turns[0].reply.is_empty());
 }
 
+/// Two orchestrators over one PostgreSQL store serve the same session: a turn through one
+/// excludes a turn through the other, either continues what the other stored, and when one is
+/// killed mid-turn its lease runs out and the other takes the session on, transcript intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_share_sessions_over_postgres_one_turn_at_a_time() {
+    let db = mm_kit::peers::postgres_database().expect("a test database");
+    let m = muse("smollm2-135m");
+    let md = majordomo();
+    let lease = [("MM_TURN_LEASE_S", "3")];
+    let mut orch_a = orchestrator_env(&db, &[&m], &md, &lease);
+    let orch_b = orchestrator_env(&db, &[&m], &md, &lease);
+    let (mut a, mut b) = (client(&orch_a).await, client(&orch_b).await);
+    let s = session(&mut a, "").await;
+    turn(&mut a, &s.id, "Say hello to the sea.", |_| {})
+        .await
+        .unwrap();
+    // A turn through A holds the session's lease from the moment it is accepted.
+    let request = |msg: &str| pb::TurnRequest {
+        session_id: s.id.clone(),
+        message: msg.into(),
+        ..Default::default()
+    };
+    let mut running = a
+        .turn(request("Now a line about gulls."))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = turn(&mut b, &s.id, "And the wind?", |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        tonic::Code::FailedPrecondition as i32,
+        "{}",
+        refused.message
+    );
+    assert!(
+        refused.message.contains("turn in progress"),
+        "{}",
+        refused.message
+    );
+    while let Some(ev) = running.message().await.unwrap() {
+        assert!(!matches!(ev.event, Some(E::Error(_))), "{ev:?}");
+    }
+    // B continues what A stored.
+    let events = turn(&mut b, &s.id, "And the wind?", |_| {}).await.unwrap();
+    let Some(E::Reply(r)) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(r.turn, 2, "B saw both of A's turns");
+    let get = |c: &mut OrchestratorClient<Channel>| {
+        let mut c = c.clone();
+        let id = s.id.clone();
+        async move {
+            c.get_session(pb::GetSessionRequest { session_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let stored = get(&mut a).await;
+    assert_eq!(stored.turns.len(), 3);
+    assert_eq!(stored, get(&mut b).await, "both read one store");
+    // A dies mid-turn: its lease is no longer renewed and runs out; B then runs the turn.
+    let mut dying = a
+        .turn(pb::TurnRequest {
+            verbosity: pb::Verbosity::Full as i32,
+            ..request("Tell me of the lighthouse.")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(ev) = dying.message().await.unwrap() {
+        if matches!(ev.event, Some(E::LatentStep(_))) {
+            break;
+        }
+    }
+    unsafe { libc_kill(orch_a.child.id() as i32) };
+    let _ = orch_a.child.wait();
+    let mut waited = 0;
+    let events = loop {
+        match turn(&mut b, &s.id, "Tell me of the lighthouse.", |_| {}).await {
+            Ok(events) => break events,
+            Err(e) if e.code == tonic::Code::FailedPrecondition as i32 && waited < 120 => {
+                waited += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("B could not take the session over: {}", e.message),
+        }
+    };
+    let Some(E::Reply(r)) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(r.turn, 3, "the killed turn left nothing behind");
+    let after = get(&mut b).await;
+    assert_eq!(after.turns.len(), 4);
+    assert_eq!(
+        after.turns[..3],
+        stored.turns[..],
+        "the transcript is intact"
+    );
+}
+
 /// SIGKILL, without a dependency for one call.
 unsafe fn libc_kill(pid: i32) {
     extern "C" {
@@ -399,10 +507,11 @@ unsafe fn libc_kill(pid: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_sessions_complete_with_no_lost_turn() {
-    let dir = tempfile::tempdir().unwrap();
+    // On the shared store: its one connection carries every session's reads, leases and writes.
+    let db = mm_kit::peers::postgres_database().expect("a test database");
     let m = muse("smollm2-135m");
     let md = majordomo();
-    let orch = orchestrator(&dir.path().join("s.redb"), &[&m], &md);
+    let orch = orchestrator(&db, &[&m], &md);
     let mut c = client(&orch).await;
     let mut ids = Vec::new();
     for _ in 0..16 {
@@ -488,7 +597,7 @@ async fn fresh_seeds_differ_a_seed_replays_and_a_long_story_does_not_loop() {
     let dir = tempfile::tempdir().unwrap();
     let m = muse("smollm2-135m");
     let md = majordomo();
-    let orch = orchestrator(&dir.path().join("s.redb"), &[&m], &md);
+    let orch = orchestrator(dir.path().join("s.redb"), &[&m], &md);
     let mut c = client(&orch).await;
     let haiku = "Write a haiku about the sea.";
 
@@ -752,7 +861,7 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
     );
     let md_metrics = format!("127.0.0.1:{}", mm_kit::peers::free_port());
     let md = majordomo_with(&["--metrics", &md_metrics]);
-    let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
+    let orch = orchestrator(dir.path().join("sessions.redb"), &[&m], &md);
     let http = orch
         .http
         .clone()
@@ -805,7 +914,7 @@ async fn the_web_view_shows_a_turn_dream_live_and_again_after_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     let m = muse("smollm2-135m");
     let md = majordomo();
-    let orch = orchestrator(&dir.path().join("sessions.redb"), &[&m], &md);
+    let orch = orchestrator(dir.path().join("sessions.redb"), &[&m], &md);
     let http = orch
         .http
         .clone()
@@ -895,7 +1004,7 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
     let m = muse("smollm2-135m");
     let md = majordomo();
     let orch = orchestrator_env(
-        &dir.path().join("s.redb"),
+        dir.path().join("s.redb"),
         &[&m],
         &md,
         &[

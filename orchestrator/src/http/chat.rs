@@ -240,7 +240,7 @@ async fn session(
     };
     match id {
         Some(id) => {
-            let s = svc.load(&id, caller).map_err(|e| {
+            let s = svc.load(&id, caller).await.map_err(|e| {
                 if e.code() == tonic::Code::NotFound {
                     ApiError::not_found(
                         "session_not_found",
@@ -261,7 +261,7 @@ async fn session(
                     ))
                     .await
                     .map_err(unserved)?;
-                    svc.load(&s.id, caller).map_err(ApiError::from)
+                    svc.load(&s.id, caller).await.map_err(ApiError::from)
                 }
                 _ => Ok(s),
             }
