@@ -135,7 +135,7 @@ async fn run(a: Args) -> Result<()> {
                 majordomo_model: a.majordomo_model.clone(),
                 listen: "127.0.0.1:0".into(),
                 http: "127.0.0.1:0".into(),
-                store: a.out.join("sessions.redb"),
+                store: a.out.join("sessions.redb").display().to_string(),
                 threads: a.threads,
                 env: Vec::new(),
             })
