@@ -388,3 +388,192 @@ pub unsafe fn quantize_row_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
         y.s = half::f16::from_f32(d * sum as f32);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// k-quants × Q8_K (ggml `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q6_K_q8_K`, AVX2).
+// ---------------------------------------------------------------------------------------------
+
+/// Per-block scales of a k-quant weight block, unpacked once per block and row.
+#[derive(Clone, Copy)]
+pub struct KScales {
+    /// Format-specific packed sub-block scales (see [`KQuant::scale`]).
+    packed: __m256i,
+    /// i16 per 16-element group g: the offset subtracted as `Σ_g mins[g] · bsums[g]`.
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+/// A k-quant weight block in the form the Q8_K kernel consumes. With `q_k` the 32 unsigned
+/// quants of elements 32k..32k+32 and `y_k` the activation quants,
+/// `Σ w·y = d·dy·Σ_k madd(scale(k), maddubs(q_k, y_k)) − dmin·dy·madd(mins, bsums)`:
+/// Q4_K's minimums and Q6_K's offset of 32 both ride on the activation's `bsums`, so the
+/// quants stay unsigned for `maddubs` (at most 63·127·2 < 2¹⁵) and the inner loop is the same.
+pub trait KQuant: Pod {
+    /// The offset is scaled by `d` too (Q6_K), so it is subtracted from the exact integer
+    /// sum (as ggml does) instead of being accumulated with its own `dmin` (Q4_K).
+    const OFFSET_BY_D: bool;
+    unsafe fn scales(b: *const Self) -> KScales;
+    /// i16 factor for each lane of `maddubs(quants(b, k), y_k)` (lanes 0..8 cover elements
+    /// 32k..32k+16, lanes 8..16 the next 16).
+    unsafe fn scale(s: &KScales, k: usize) -> __m256i;
+    unsafe fn quants(b: *const Self, k: usize) -> __m256i;
+}
+
+impl KQuant for BlockQ4K {
+    const OFFSET_BY_D: bool = false;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales(b: *const Self) -> KScales {
+        let sm = q4_k_scales_mins(&(*b).scales);
+        let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+        // m[g / 2] for the 16 groups of 16.
+        let pairs = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        KScales {
+            packed: _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm)),
+            mins: _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, pairs)),
+            d: (*b).d.to_f32(),
+            dmin: (*b).dmin.to_f32(),
+        }
+    }
+    /// `packed` holds sc0..sc7 as i16 in both halves: broadcast word k.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(s: &KScales, k: usize) -> __m256i {
+        _mm256_shuffle_epi8(s.packed, _mm256_set1_epi16(0x0100 + 0x0202 * k as i16))
+    }
+    /// 32 bytes of `qs` per 64 elements: even k the low nibbles, odd k the high ones.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quants(b: *const Self, k: usize) -> __m256i {
+        let q = _mm256_loadu_si256(addr_of!((*b).qs).cast::<u8>().add(k / 2 * 32).cast());
+        let q = _mm256_srl_epi16(q, _mm_cvtsi32_si128(4 * (k & 1) as i32));
+        _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
+    }
+}
+
+impl KQuant for BlockQ6K {
+    const OFFSET_BY_D: bool = true;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales(b: *const Self) -> KScales {
+        let sc = _mm_loadu_si128(addr_of!((*b).scales).cast());
+        let d = (*b).d.to_f32();
+        KScales {
+            packed: _mm256_castsi128_si256(sc),
+            mins: _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(sc)),
+            d,
+            dmin: d,
+        }
+    }
+    /// One scale per 16 elements: sc[2k] for lanes 0..8, sc[2k + 1] for lanes 8..16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(s: &KScales, k: usize) -> __m256i {
+        let (a, b) = (2 * k as i64, 2 * k as i64 + 1);
+        let ctrl = _mm_set_epi64x(b * 0x0101010101010101, a * 0x0101010101010101);
+        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm256_castsi256_si128(s.packed), ctrl))
+    }
+    /// Element 128h + 32j + l: low 4 bits in `ql[64h + 32(j & 1) + l]` (nibble j / 2), high
+    /// 2 bits in bits 2j.. of `qh[32h + l]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quants(b: *const Self, k: usize) -> __m256i {
+        let (h, j) = (k / 4, k % 4);
+        let ql = addr_of!((*b).ql).cast::<u8>().add(64 * h + 32 * (j & 1));
+        let qh = addr_of!((*b).qh).cast::<u8>().add(32 * h);
+        let lo = _mm256_srl_epi16(
+            _mm256_loadu_si256(ql.cast()),
+            _mm_cvtsi32_si128(4 * (j >> 1) as i32),
+        );
+        let hi = _mm256_srl_epi16(
+            _mm256_loadu_si256(qh.cast()),
+            _mm_cvtsi32_si128(2 * j as i32),
+        );
+        _mm256_or_si256(
+            _mm256_and_si256(lo, _mm256_set1_epi8(0x0F)),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(hi, _mm256_set1_epi8(3))),
+        )
+    }
+}
+
+/// R weight rows × C Q8_K activation rows (C = 1: the matvec): each weight sub-block is
+/// unpacked once per C activations, each activation sub-block loaded once per R rows; sums
+/// stay exact in i32 per block, then `d·dy` scales them into f32 accumulators.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_tile_k<X: KQuant, const R: usize, const C: usize>(
+    x: [*const X; R],
+    y: [*const BlockQ8K; C],
+    nb: usize,
+    out: &mut [[f32; R]; C],
+) {
+    let mut acc = [[_mm256_setzero_ps(); R]; C];
+    let pf = x[0] as *const u8;
+    let step = R * std::mem::size_of::<X>();
+    for b in 0..nb {
+        // Rows r..r+R are contiguous: prefetch the linear stream PF_DIST ahead.
+        let p = pf.wrapping_add(PF_DIST + b * step);
+        let mut k = 0;
+        while k < step {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k) as *const i8);
+            k += 64;
+        }
+        let mut s = [KScales {
+            packed: _mm256_setzero_si256(),
+            mins: _mm256_setzero_si256(),
+            d: 0.0,
+            dmin: 0.0,
+        }; R];
+        for r in 0..R {
+            s[r] = X::scales(x[r].add(b));
+        }
+        let mut sumi = [[_mm256_setzero_si256(); R]; C];
+        for k in 0..QK_K / 32 {
+            let mut q = [_mm256_setzero_si256(); R];
+            let mut sc = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                q[r] = X::quants(x[r].add(b), k);
+                sc[r] = X::scale(&s[r], k);
+            }
+            for j in 0..C {
+                let qy = _mm256_loadu_si256(addr_of!((*y[j].add(b)).qs[32 * k]).cast());
+                for r in 0..R {
+                    let p = _mm256_madd_epi16(sc[r], _mm256_maddubs_epi16(q[r], qy));
+                    sumi[j][r] = _mm256_add_epi32(sumi[j][r], p);
+                }
+            }
+        }
+        for j in 0..C {
+            let yb = y[j].add(b);
+            let bsums = _mm256_loadu_si256(addr_of!((*yb).bsums).cast());
+            let dy = (*yb).d;
+            for r in 0..R {
+                let offs = _mm256_madd_epi16(s[r].mins, bsums);
+                let a = &mut acc[j][r];
+                if X::OFFSET_BY_D {
+                    let si = _mm256_sub_epi32(sumi[j][r], offs);
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(s[r].d * dy), _mm256_cvtepi32_ps(si), *a);
+                } else {
+                    let si = _mm256_cvtepi32_ps(sumi[j][r]);
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(s[r].d * dy), si, *a);
+                    let m = _mm256_set1_ps(-s[r].dmin * dy);
+                    *a = _mm256_fmadd_ps(m, _mm256_cvtepi32_ps(offs), *a);
+                }
+            }
+        }
+    }
+    for j in 0..C {
+        for r in 0..R {
+            out[j][r] = hsum_f32_8(acc[j][r]);
+        }
+    }
+}
+
+/// One k-quant row · one Q8_K row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn vec_dot_k<X: KQuant>(x: &[X], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut out = [[0f32; 1]; 1];
+    dot_tile_k::<X, 1, 1>([x.as_ptr()], [y.as_ptr()], x.len(), &mut out);
+    out[0][0]
+}

@@ -4,8 +4,10 @@
 
 use half::f16;
 
-/// Elements per block for every format handled here.
+/// Elements per block of the legacy formats (Q4_0, Q4_1, Q5_0, Q8_0, Q8_1).
 pub const QK: usize = 32;
+/// Elements per super-block of the k-quants (Q4_K, Q6_K, Q8_K).
+pub const QK_K: usize = 256;
 
 /// ggml `block_q4_0`: `x = d * (q - 8)`, q in 0..16. Element j in the low nibble of `qs[j]`,
 /// element j+16 in the high nibble.
@@ -52,17 +54,65 @@ pub struct BlockQ8_1 {
     pub qs: [i8; QK],
 }
 
+/// ggml `block_q4_K`: 8 sub-blocks of 32, `x = d * sc[j] * q - dmin * m[j]`, q in 0..16.
+/// The 6-bit `sc[j]`, `m[j]` are packed in `scales` (see [`q4_k_scales_mins`]); each 64
+/// elements share 32 bytes of `qs`: element l in the low nibble of byte l, element l+32 in
+/// its high nibble.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// ggml `block_q6_K`: 16 sub-blocks of 16, `x = d * scales[j] * (q - 32)`, q in 0..64. Each
+/// 128 elements use 64 bytes of `ql` (low 4 bits: elements l, l+32 in the low nibbles of
+/// `ql[l]`, `ql[l+32]`, elements l+64, l+96 in their high nibbles) and 32 bytes of `qh`
+/// (bits 2k..2k+2 of `qh[l]` are the high 2 bits of element l + 32k).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+
+/// ggml `block_q8_K`: `x = d * q` with the sums of each 16 quants (activation format of the
+/// k-quants: the sums carry the Q4_K minimums and the Q6_K offset of 32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36);
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
 
 impl Default for BlockQ8_0 {
     fn default() -> Self {
         Self {
             d: f16::ZERO,
             qs: [0; QK],
+        }
+    }
+}
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
         }
     }
 }
@@ -76,27 +126,40 @@ impl Default for BlockQ8_1 {
     }
 }
 
-/// Marker for plain-old-data block types: every bit pattern is valid, alignment <= 2.
+/// Marker for plain-old-data block types: every bit pattern is valid. Weight blocks have
+/// alignment 2 (GGUF bytes are cast to them); `BlockQ8K` (activations only) has 4.
 ///
 /// # Safety
-/// Implementors must be `repr(C)` structs of `f16`/`u8`/`i8` fields without padding.
+/// Implementors must be `repr(C)` structs of `f16`/`f32`/`u8`/`i8`/`i16` fields without
+/// padding.
 pub unsafe trait Pod: Copy + Send + Sync + 'static {}
 unsafe impl Pod for BlockQ4_0 {}
 unsafe impl Pod for BlockQ4_1 {}
 unsafe impl Pod for BlockQ5_0 {}
 unsafe impl Pod for BlockQ8_0 {}
 unsafe impl Pod for BlockQ8_1 {}
+unsafe impl Pod for BlockQ4K {}
+unsafe impl Pod for BlockQ6K {}
+unsafe impl Pod for BlockQ8K {}
 
-/// Activation blocks: `s` (= d * sum(q)) where the format has it, else 0.
+/// 32-element activation blocks: the scale `d`, and `s` (= d * sum(q)) where the format has
+/// it, else 0.
 pub trait ActBlock: Pod {
+    fn d(&self) -> f32;
     fn s(&self) -> f32;
 }
 impl ActBlock for BlockQ8_0 {
+    fn d(&self) -> f32 {
+        self.d.to_f32()
+    }
     fn s(&self) -> f32 {
         0.0
     }
 }
 impl ActBlock for BlockQ8_1 {
+    fn d(&self) -> f32 {
+        self.d.to_f32()
+    }
     fn s(&self) -> f32 {
         self.s.to_f32()
     }
@@ -255,6 +318,35 @@ pub fn quantize_row_q8_1_scalar(xs: &[f32], ys: &mut [BlockQ8_1]) {
     }
 }
 
+/// ggml `quantize_row_q8_K_ref`: `iscale = -127 / max` with `max` the (signed) value of
+/// largest magnitude, `q = min(127, round_half_even(iscale * x))`, `d = 1 / iscale`, and the
+/// sums of each 16 quants. (ggml uses this scalar code on x86 too.) An all-zero block gets
+/// `d = 0` and zero quants and sums.
+pub fn quantize_row_q8_k(xs: &[f32], ys: &mut [BlockQ8K]) {
+    assert_eq!(xs.len(), ys.len() * QK_K);
+    for (x, y) in xs.chunks_exact(QK_K).zip(ys.iter_mut()) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *y = BlockQ8K::default();
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in y.qs.iter_mut().zip(x) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, q) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&q| q as i16).sum();
+        }
+        y.d = 1.0 / iscale;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dequantizers.
 // ---------------------------------------------------------------------------------------------
@@ -301,6 +393,63 @@ pub fn dequantize_row_q8_0(xs: &[BlockQ8_0], ys: &mut [f32]) {
         let d = b.d.to_f32();
         for (o, &q) in y.iter_mut().zip(&b.qs) {
             *o = q as f32 * d;
+        }
+    }
+}
+
+/// The 8 six-bit scales and 8 six-bit minimums of a Q4_K block, `[sc0..sc7, m0..m7]` (ggml's
+/// `utmp` shuffle, equal to `get_scale_min_k4(j)` for j < 8): bytes 0..4 hold sc0..3 and
+/// their top 2 bits the high bits of sc4..7; bytes 4..8 likewise m0..3 and the high bits of
+/// m4..7; bytes 8..12 hold the low 4 bits of sc4..7 (low nibble) and m4..7 (high nibble).
+#[inline]
+pub fn q4_k_scales_mins(scales: &[u8; 12]) -> [u8; 16] {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let w = |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
+    let (u0, u1, u2) = (w(0), w(4), w(8));
+    let sc_lo = u0 & KMASK1;
+    let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let m_lo = u1 & KMASK1;
+    let m_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mut out = [0u8; 16];
+    for (o, u) in out.chunks_exact_mut(4).zip([sc_lo, sc_hi, m_lo, m_hi]) {
+        o.copy_from_slice(&u.to_le_bytes());
+    }
+    out
+}
+
+/// Q6_K quant `i` (0..256) of a block, in 0..64.
+#[inline]
+fn q6_k_quant(b: &BlockQ6K, i: usize) -> i32 {
+    let (half, l) = (i / 128, i % 128);
+    let (k, l) = (l / 32, l % 32);
+    let lo = (b.ql[half * 64 + (k & 1) * 32 + l] >> (4 * (k >> 1))) & 0x0F;
+    let hi = (b.qh[half * 32 + l] >> (2 * k)) & 3;
+    (lo | (hi << 4)) as i32
+}
+
+pub fn dequantize_row_q4_k(xs: &[BlockQ4K], ys: &mut [f32]) {
+    assert_eq!(ys.len(), xs.len() * QK_K);
+    for (b, y) in xs.iter().zip(ys.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let sm = q4_k_scales_mins(&b.scales);
+        for (j, y) in y.chunks_exact_mut(32).enumerate() {
+            let (d1, m1) = (d * sm[j] as f32, dmin * sm[8 + j] as f32);
+            let q = &b.qs[(j / 2) * 32..][..32];
+            for (o, &q) in y.iter_mut().zip(q) {
+                *o = d1 * ((q >> (4 * (j & 1))) & 0x0F) as f32 - m1;
+            }
+        }
+    }
+}
+
+pub fn dequantize_row_q6_k(xs: &[BlockQ6K], ys: &mut [f32]) {
+    assert_eq!(ys.len(), xs.len() * QK_K);
+    for (b, y) in xs.iter().zip(ys.chunks_exact_mut(QK_K)) {
+        let d = b.d.to_f32();
+        for (i, o) in y.iter_mut().enumerate() {
+            *o = d * b.scales[i / 16] as f32 * (q6_k_quant(b, i) - 32) as f32;
         }
     }
 }
@@ -367,6 +516,48 @@ pub fn vec_dot_q8_0_q8_0_scalar(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
                 .map(|(&p, &q)| p as i32 * q as i32)
                 .sum();
         sumf += sumi as f32 * (a.d.to_f32() * b.d.to_f32());
+    }
+    sumf
+}
+
+/// ggml `ggml_vec_dot_q4_K_q8_K_generic`: exact integer sums per block, `d·dy·Σ sc·q·q8 −
+/// dmin·dy·Σ m·bsums`.
+pub fn vec_dot_q4_k_q8_k_scalar(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sumf = 0f32;
+    for (a, b) in x.iter().zip(y) {
+        let sm = q4_k_scales_mins(&a.scales);
+        let mut sumi = 0i32;
+        for (j, (&sc, q8)) in sm[..8].iter().zip(b.qs.chunks_exact(32)).enumerate() {
+            let q = &a.qs[(j / 2) * 32..][..32];
+            let s: i32 = q
+                .iter()
+                .zip(q8)
+                .map(|(&q, &y)| ((q >> (4 * (j & 1))) & 0x0F) as i32 * y as i32)
+                .sum();
+            sumi += sc as i32 * s;
+        }
+        let mins: i32 = (0..QK_K / 16)
+            .map(|g| sm[8 + g / 2] as i32 * b.bsums[g] as i32)
+            .sum();
+        sumf += a.d.to_f32() * b.d * sumi as f32 - a.dmin.to_f32() * b.d * mins as f32;
+    }
+    sumf
+}
+
+/// ggml `ggml_vec_dot_q6_K_q8_K_generic`: exact integer sum per block, `d·dy·Σ sc·(q−32)·q8`.
+pub fn vec_dot_q6_k_q8_k_scalar(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sumf = 0f32;
+    for (a, b) in x.iter().zip(y) {
+        let mut sumi = 0i32;
+        for g in 0..QK_K / 16 {
+            let s: i32 = (g * 16..(g + 1) * 16)
+                .map(|i| (q6_k_quant(a, i) - 32) * b.qs[i] as i32)
+                .sum();
+            sumi += a.scales[g] as i32 * s;
+        }
+        sumf += a.d.to_f32() * b.d * sumi as f32;
     }
     sumf
 }

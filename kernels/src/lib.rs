@@ -1,9 +1,10 @@
 //! Quantized matrix-vector kernels for batch-1 decode (and small-batch prefill) on x86 AVX2,
 //! with a portable scalar fallback.
 //!
-//! Candle's CPU backend has no SIMD path for Q4_1 / Q5_0 on x86 (scalar `vec_dot`); these
-//! kernels follow ggml-cpu's AVX2 code (`arch/x86/quants.c`) on the ggml block layouts, so
-//! GGUF tensor bytes can be used as they are.
+//! Candle's CPU backend has no SIMD path for Q4_1 / Q5_0 on x86 (scalar `vec_dot`), and its
+//! k-quant kernels (Q4_K, Q6_K) run on its own thread pool; these kernels follow ggml-cpu's
+//! AVX2 code (`arch/x86/quants.c`) on the ggml block layouts, so GGUF tensor bytes can be used
+//! as they are, and every format runs on the one [`KernelPool`].
 //!
 //! ```ignore
 //! let w = QWeight::new(QType::Q4_1, rows, cols, gguf_bytes)?;   // rows = output features
@@ -29,7 +30,9 @@ mod pool;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 
-pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
+pub use blocks::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QK, QK_K,
+};
 pub use pool::{KernelPool, MAX_CHUNKS};
 
 use blocks::Pod;
@@ -103,6 +106,8 @@ pub enum QType {
     Q4_1 = 3,
     Q5_0 = 6,
     Q8_0 = 8,
+    Q4K = 12,
+    Q6K = 14,
 }
 
 /// Activation formats (the ggml `vec_dot_type` of each weight format).
@@ -110,6 +115,17 @@ pub enum QType {
 pub enum ActKind {
     Q8_0,
     Q8_1,
+    Q8K,
+}
+
+impl ActKind {
+    /// Elements per block (activation rows must be a multiple).
+    pub const fn block_size(self) -> usize {
+        match self {
+            ActKind::Q8K => QK_K,
+            _ => QK,
+        }
+    }
 }
 
 impl QType {
@@ -120,12 +136,14 @@ impl QType {
             3 => QType::Q4_1,
             6 => QType::Q5_0,
             8 => QType::Q8_0,
+            12 => QType::Q4K,
+            14 => QType::Q6K,
             _ => return None,
         })
     }
     /// Elements per block.
     pub const fn block_size(self) -> usize {
-        QK
+        self.act_kind().block_size()
     }
     /// Bytes per block.
     pub const fn type_size(self) -> usize {
@@ -134,12 +152,15 @@ impl QType {
             QType::Q4_1 => 20,
             QType::Q5_0 => 22,
             QType::Q8_0 => 34,
+            QType::Q4K => 144,
+            QType::Q6K => 210,
         }
     }
     /// The activation format its dot product consumes.
     pub const fn act_kind(self) -> ActKind {
         match self {
             QType::Q4_1 => ActKind::Q8_1,
+            QType::Q4K | QType::Q6K => ActKind::Q8K,
             _ => ActKind::Q8_0,
         }
     }
@@ -149,8 +170,8 @@ impl QType {
 // Activations
 // ---------------------------------------------------------------------------------------------
 
-/// `m` activation rows of `cols` values quantized to Q8_0 or Q8_1 (`cols / 32` blocks each).
-/// Reuse one value across calls: `quantize` keeps the allocation.
+/// `m` activation rows of `cols` values quantized to Q8_0 or Q8_1 (`cols / 32` blocks each) or
+/// Q8_K (`cols / 256`). Reuse one value across calls: `quantize` keeps the allocation.
 #[derive(Clone, Debug)]
 pub struct QuantizedActivation {
     kind: ActKind,
@@ -158,6 +179,7 @@ pub struct QuantizedActivation {
     cols: usize,
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
+    q8_k: Vec<BlockQ8K>,
 }
 
 impl Default for QuantizedActivation {
@@ -168,33 +190,35 @@ impl Default for QuantizedActivation {
             cols: 0,
             q8_0: Vec::new(),
             q8_1: Vec::new(),
+            q8_k: Vec::new(),
         }
     }
 }
 
 impl QuantizedActivation {
-    /// Quantize `xs` (`m × cols`, row-major; `cols % 32 == 0`).
+    /// Quantize `xs` (`m × cols`, row-major; `cols` a multiple of `kind.block_size()`).
     pub fn new(kind: ActKind, xs: &[f32], m: usize, cols: usize) -> Self {
         let mut s = Self::default();
         s.quantize(kind, xs, m, cols);
         s
     }
 
-    /// Re-quantize into this buffer (ggml `quantize_row_q8_0` / `quantize_row_q8_1`).
+    /// Re-quantize into this buffer (ggml `quantize_row_q8_0` / `q8_1` / `q8_K`).
     pub fn quantize(&mut self, kind: ActKind, xs: &[f32], m: usize, cols: usize) {
         self.quantize_isa(Isa::detect(), kind, xs, m, cols)
     }
 
     fn quantize_isa(&mut self, isa: Isa, kind: ActKind, xs: &[f32], m: usize, cols: usize) {
+        let bs = kind.block_size();
         assert!(
-            cols.is_multiple_of(QK),
-            "cols {cols} not a multiple of {QK}"
+            cols.is_multiple_of(bs),
+            "cols {cols} not a multiple of {bs}"
         );
         assert_eq!(xs.len(), m * cols, "xs length {} != {m}×{cols}", xs.len());
         self.kind = kind;
         self.m = m;
         self.cols = cols;
-        let nb = m * cols / QK;
+        let nb = m * cols / bs;
         match kind {
             ActKind::Q8_0 => {
                 self.q8_0.resize(nb, BlockQ8_0::default());
@@ -203,6 +227,11 @@ impl QuantizedActivation {
             ActKind::Q8_1 => {
                 self.q8_1.resize(nb, BlockQ8_1::default());
                 quantize_q8_1(isa, xs, &mut self.q8_1);
+            }
+            ActKind::Q8K => {
+                // ggml quantizes Q8_K with scalar code on x86 too; it is O(cols), not O(rows·cols).
+                self.q8_k.resize(nb, BlockQ8K::default());
+                blocks::quantize_row_q8_k(xs, &mut self.q8_k);
             }
         }
     }
@@ -228,6 +257,14 @@ impl QuantizedActivation {
     pub fn q8_1(&self) -> &[BlockQ8_1] {
         if self.kind == ActKind::Q8_1 {
             &self.q8_1[..self.m * self.cols / QK]
+        } else {
+            &[]
+        }
+    }
+    /// The Q8_K blocks (empty unless `kind() == Q8K`).
+    pub fn q8_k(&self) -> &[BlockQ8K] {
+        if self.kind == ActKind::Q8K {
+            &self.q8_k[..self.m * self.cols / QK_K]
         } else {
             &[]
         }
@@ -305,10 +342,43 @@ dispatch_dot!(
     blocks::vec_dot_q8_0_q8_0_scalar,
     vec_dot_q8_0_q8_0
 );
+dispatch_dot!(
+    vec_dot_q4_k_q8_k,
+    BlockQ4K,
+    BlockQ8K,
+    blocks::vec_dot_q4_k_q8_k_scalar,
+    vec_dot_k
+);
+dispatch_dot!(
+    vec_dot_q6_k_q8_k,
+    BlockQ6K,
+    BlockQ8K,
+    blocks::vec_dot_q6_k_q8_k_scalar,
+    vec_dot_k
+);
 
 /// A weight block format with its activation format and row kernels.
 trait Format: Pod {
     type Act: Pod;
+    /// ggml's generic dot product of one row (the scalar path).
+    fn dot_scalar(x: &[Self], y: &[Self::Act]) -> f32;
+
+    /// [`Format::rows`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`Format::rows`], and AVX2 + FMA + F16C available.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_avx2(
+        w: &[Self],
+        nb: usize,
+        rows: std::ops::Range<usize>,
+        y: &[Self::Act],
+        m: usize,
+        out: *mut f32,
+        out_stride: usize,
+    );
+
     /// `out[c * out_stride + r - rows.start] = dot(w row r, act row c)` for r in `rows`,
     /// c in `0..m`; `w` is the whole matrix (`nb` blocks per row), `y` is `m × nb` blocks.
     ///
@@ -324,97 +394,164 @@ trait Format: Pod {
         m: usize,
         out: *mut f32,
         out_stride: usize,
-    );
+    ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Self::rows_avx2(w, nb, rows, y, m, out, out_stride),
+            Isa::Scalar => {
+                for r in rows.clone() {
+                    let wr = &w[r * nb..(r + 1) * nb];
+                    for c in 0..m {
+                        *out.add(c * out_stride + r - rows.start) =
+                            Self::dot_scalar(wr, &y[c * nb..(c + 1) * nb]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One format's AVX2 kernels bound to a weight matrix and an activation batch (absolute
+/// row index `r`, activation index `c`).
+#[cfg(target_arch = "x86_64")]
+trait Avx2Kernels {
+    /// `out[i] = dot(w row r + i, act c)`.
+    unsafe fn rows<const R: usize>(&self, r: usize, c: usize, out: &mut [f32; R]);
+    /// `out[j][i] = dot(w row r + i, act c + j)`.
+    unsafe fn tile(&self, r: usize, c: usize, out: &mut [[f32; TILE_R]; TILE_C]);
+}
+
+/// The row blocking every format shares: for m < TILE_C, MV_R rows per kernel call (one
+/// activation block load serves MV_R rows); otherwise TILE_R × TILE_C tiles, the activations
+/// left over TILE_R rows at a time; then the rows left over one at a time.
+/// `out[c * out_stride + r - rows.start] = dot(w row r, act c)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_blocked<K: Avx2Kernels>(
+    k: &K,
+    rows: std::ops::Range<usize>,
+    m: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let put = |c: usize, r: usize, o: &[f32]| {
+        let dst = out.add(c * out_stride + r - rows.start);
+        std::ptr::copy_nonoverlapping(o.as_ptr(), dst, o.len());
+    };
+    let mut r = rows.start;
+    if m < TILE_C {
+        while r + MV_R <= rows.end {
+            for c in 0..m {
+                let mut o = [0f32; MV_R];
+                k.rows::<MV_R>(r, c, &mut o);
+                put(c, r, &o);
+            }
+            r += MV_R;
+        }
+    }
+    while m >= TILE_C && r + TILE_R <= rows.end {
+        let mut c = 0;
+        while c + TILE_C <= m {
+            let mut o = [[0f32; TILE_R]; TILE_C];
+            k.tile(r, c, &mut o);
+            for (j, oj) in o.iter().enumerate() {
+                put(c + j, r, oj);
+            }
+            c += TILE_C;
+        }
+        while c < m {
+            let mut o = [0f32; TILE_R];
+            k.rows::<TILE_R>(r, c, &mut o);
+            put(c, r, &o);
+            c += 1;
+        }
+        r += TILE_R;
+    }
+    while r < rows.end {
+        for c in 0..m {
+            let mut o = [0f32; 1];
+            k.rows::<1>(r, c, &mut o);
+            put(c, r, &o);
+        }
+        r += 1;
+    }
+}
+
+/// A legacy (32-element block) format's kernels: `yd`/`ys` hold the activations' f32 scales
+/// for the tiles, `yd[c][b] = d`, `ys[b][c] = s` (zero padded to `ys_stride`).
+#[cfg(target_arch = "x86_64")]
+struct Legacy<X, Y> {
+    w: *const X,
+    y: *const Y,
+    nb: usize,
+    yd: Vec<f32>,
+    ys: Vec<f32>,
+    ys_stride: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<X, Y: blocks::ActBlock> Legacy<X, Y> {
+    fn new(w: &[X], y: &[Y], nb: usize, m: usize) -> Self {
+        let (mut yd, mut ys) = (Vec::new(), Vec::new());
+        let ys_stride = m + 8;
+        if m >= TILE_C {
+            yd = vec![0f32; m * nb];
+            ys = vec![0f32; nb * ys_stride];
+            for c in 0..m {
+                for b in 0..nb {
+                    let blk = &y[c * nb + b];
+                    yd[c * nb + b] = blk.d();
+                    ys[b * ys_stride + c] = blk.s();
+                }
+            }
+        }
+        Self {
+            w: w.as_ptr(),
+            y: y.as_ptr(),
+            nb,
+            yd,
+            ys,
+            ys_stride,
+        }
+    }
+    unsafe fn row(&self, r: usize) -> *const X {
+        self.w.add(r * self.nb)
+    }
+    unsafe fn act(&self, c: usize) -> *const Y {
+        self.y.add(c * self.nb)
+    }
 }
 
 macro_rules! impl_format {
-    ($X:ty, $Y:ty, $scalar:path, $avx_rows:ident, $avx_tile:ident, $avx_fn:ident) => {
+    ($X:ty, $Y:ty, $scalar:path, $avx_rows:ident, $avx_tile:ident) => {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $avx_fn(
-            w: &[$X],
-            nb: usize,
-            rows: std::ops::Range<usize>,
-            y: &[$Y],
-            m: usize,
-            out: *mut f32,
-            out_stride: usize,
-        ) {
-            let base = w.as_ptr();
-            let y = y.as_ptr();
-            let row = |r: usize| base.add(r * nb);
-            let act = |c: usize| y.add(c * nb);
-            // f32 activation scales for the tiles: yd[c][b] = d, ys[b][c] = s (zero padded).
-            let (mut yd, mut ys) = (Vec::new(), Vec::new());
-            let ys_stride = m + 8;
-            if m >= TILE_C {
-                yd = vec![0f32; m * nb];
-                ys = vec![0f32; nb * ys_stride];
-                for c in 0..m {
-                    for b in 0..nb {
-                        let blk = &*act(c).add(b);
-                        yd[c * nb + b] = blk.d.to_f32();
-                        ys[b * ys_stride + c] = <$Y as blocks::ActBlock>::s(blk);
-                    }
-                }
+        impl Avx2Kernels for Legacy<$X, $Y> {
+            #[inline]
+            unsafe fn rows<const R: usize>(&self, r: usize, c: usize, out: &mut [f32; R]) {
+                let xs = std::array::from_fn(|i| self.row(r + i));
+                avx2::$avx_rows::<R>(xs, self.act(c), self.nb, out)
             }
-            let mut r = rows.start;
-            if m < TILE_C {
-                // matvec (and m < TILE_C): MV_R rows per call, activation blocks shared.
-                while r + MV_R <= rows.end {
-                    let xs: [_; MV_R] = std::array::from_fn(|i| row(r + i));
-                    for c in 0..m {
-                        let mut o = [0f32; MV_R];
-                        avx2::$avx_rows::<MV_R>(xs, act(c), nb, &mut o);
-                        let dst = out.add(c * out_stride + r - rows.start);
-                        std::ptr::copy_nonoverlapping(o.as_ptr(), dst, MV_R);
-                    }
-                    r += MV_R;
-                }
-            }
-            while m >= TILE_C && r + TILE_R <= rows.end {
-                let xs: [_; TILE_R] = std::array::from_fn(|i| row(r + i));
-                let mut c = 0;
-                while c + TILE_C <= m {
-                    let mut o = [[0f32; TILE_R]; TILE_C];
-                    avx2::$avx_tile::<TILE_R, TILE_C>(
-                        xs,
-                        std::array::from_fn(|j| act(c + j)),
-                        std::array::from_fn(|j| yd.as_ptr().add((c + j) * nb)),
-                        ys.as_ptr().add(c),
-                        ys_stride,
-                        nb,
-                        &mut o,
-                    );
-                    for (j, oj) in o.iter().enumerate() {
-                        let dst = out.add((c + j) * out_stride + r - rows.start);
-                        std::ptr::copy_nonoverlapping(oj.as_ptr(), dst, TILE_R);
-                    }
-                    c += TILE_C;
-                }
-                while c < m {
-                    let mut o = [0f32; TILE_R];
-                    avx2::$avx_rows::<TILE_R>(xs, act(c), nb, &mut o);
-                    let dst = out.add(c * out_stride + r - rows.start);
-                    std::ptr::copy_nonoverlapping(o.as_ptr(), dst, TILE_R);
-                    c += 1;
-                }
-                r += TILE_R;
-            }
-            while r < rows.end {
-                for c in 0..m {
-                    let mut o = [0f32; 1];
-                    avx2::$avx_rows::<1>([row(r)], act(c), nb, &mut o);
-                    *out.add(c * out_stride + r - rows.start) = o[0];
-                }
-                r += 1;
+            #[inline]
+            unsafe fn tile(&self, r: usize, c: usize, out: &mut [[f32; TILE_R]; TILE_C]) {
+                avx2::$avx_tile::<TILE_R, TILE_C>(
+                    std::array::from_fn(|i| self.row(r + i)),
+                    std::array::from_fn(|j| self.act(c + j)),
+                    std::array::from_fn(|j| self.yd.as_ptr().add((c + j) * self.nb)),
+                    self.ys.as_ptr().add(c),
+                    self.ys_stride,
+                    self.nb,
+                    out,
+                )
             }
         }
 
         impl Format for $X {
             type Act = $Y;
-            unsafe fn rows(
-                isa: Isa,
+            fn dot_scalar(x: &[Self], y: &[$Y]) -> f32 {
+                $scalar(x, y)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn rows_avx2(
                 w: &[Self],
                 nb: usize,
                 rows: std::ops::Range<usize>,
@@ -423,19 +560,7 @@ macro_rules! impl_format {
                 out: *mut f32,
                 out_stride: usize,
             ) {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => $avx_fn(w, nb, rows, y, m, out, out_stride),
-                    Isa::Scalar => {
-                        for r in rows.clone() {
-                            let wr = &w[r * nb..(r + 1) * nb];
-                            for c in 0..m {
-                                *out.add(c * out_stride + r - rows.start) =
-                                    $scalar(wr, &y[c * nb..(c + 1) * nb]);
-                            }
-                        }
-                    }
-                }
+                avx2_blocked(&Legacy::new(w, y, nb, m), rows, m, out, out_stride)
             }
         }
     };
@@ -445,39 +570,105 @@ impl_format!(
     BlockQ8_0,
     blocks::vec_dot_q4_0_q8_0_scalar,
     dot_rows_q4_0_q8_0,
-    dot_tile_q4_0_q8_0,
-    rows_q4_0_avx2
+    dot_tile_q4_0_q8_0
 );
 impl_format!(
     BlockQ4_1,
     BlockQ8_1,
     blocks::vec_dot_q4_1_q8_1_scalar,
     dot_rows_q4_1_q8_1,
-    dot_tile_q4_1_q8_1,
-    rows_q4_1_avx2
+    dot_tile_q4_1_q8_1
 );
 impl_format!(
     BlockQ5_0,
     BlockQ8_0,
     blocks::vec_dot_q5_0_q8_0_scalar,
     dot_rows_q5_0_q8_0,
-    dot_tile_q5_0_q8_0,
-    rows_q5_0_avx2
+    dot_tile_q5_0_q8_0
 );
 impl_format!(
     BlockQ8_0,
     BlockQ8_0,
     blocks::vec_dot_q8_0_q8_0_scalar,
     dot_rows_q8_0_q8_0,
-    dot_tile_q8_0_q8_0,
-    rows_q8_0_avx2
+    dot_tile_q8_0_q8_0
 );
+
+/// A k-quant format's kernels: one generic kernel ([`avx2::dot_tile_k`]) for rows and tiles.
+#[cfg(target_arch = "x86_64")]
+struct KQuants<X> {
+    w: *const X,
+    y: *const BlockQ8K,
+    nb: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<X: avx2::KQuant> Avx2Kernels for KQuants<X> {
+    #[inline]
+    unsafe fn rows<const R: usize>(&self, r: usize, c: usize, out: &mut [f32; R]) {
+        let mut o = [[0f32; R]; 1];
+        self.tile_rc(r, c, &mut o);
+        *out = o[0];
+    }
+    #[inline]
+    unsafe fn tile(&self, r: usize, c: usize, out: &mut [[f32; TILE_R]; TILE_C]) {
+        self.tile_rc(r, c, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<X: avx2::KQuant> KQuants<X> {
+    #[inline]
+    unsafe fn tile_rc<const R: usize, const C: usize>(
+        &self,
+        r: usize,
+        c: usize,
+        out: &mut [[f32; R]; C],
+    ) {
+        avx2::dot_tile_k::<X, R, C>(
+            std::array::from_fn(|i| self.w.add((r + i) * self.nb)),
+            std::array::from_fn(|j| self.y.add((c + j) * self.nb)),
+            self.nb,
+            out,
+        )
+    }
+}
+
+macro_rules! impl_format_k {
+    ($X:ty, $scalar:path) => {
+        impl Format for $X {
+            type Act = BlockQ8K;
+            fn dot_scalar(x: &[Self], y: &[BlockQ8K]) -> f32 {
+                $scalar(x, y)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn rows_avx2(
+                w: &[Self],
+                nb: usize,
+                rows: std::ops::Range<usize>,
+                y: &[BlockQ8K],
+                m: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let k = KQuants {
+                    w: w.as_ptr(),
+                    y: y.as_ptr(),
+                    nb,
+                };
+                avx2_blocked(&k, rows, m, out, out_stride)
+            }
+        }
+    };
+}
+impl_format_k!(BlockQ4K, blocks::vec_dot_q4_k_q8_k_scalar);
+impl_format_k!(BlockQ6K, blocks::vec_dot_q6_k_q8_k_scalar);
 
 // ---------------------------------------------------------------------------------------------
 // Weights
 // ---------------------------------------------------------------------------------------------
 
-/// A quantized weight matrix in ggml layout: `rows` output features, each `cols / 32`
+/// A quantized weight matrix in ggml layout: `rows` output features, each `cols / block_size`
 /// consecutive blocks (exactly a GGUF tensor of shape `[cols, rows]` in ggml order).
 #[derive(Clone, Debug)]
 pub struct QWeight {
@@ -497,7 +688,8 @@ const TILE_C: usize = 4;
 /// Target number of chunks per thread for one product (dynamic claiming balances load and
 /// absorbs a descheduled worker).
 const CHUNKS_PER_THREAD: usize = 4;
-/// Minimum weight blocks per chunk (~1.5 µs of work on one core): bounds the claim overhead.
+/// Minimum work per chunk, in 32-element weight blocks (~1.5 µs on one core): bounds the claim
+/// overhead.
 const MIN_CHUNK_BLOCKS: usize = 1024;
 
 struct SendPtr(*mut f32);
@@ -505,7 +697,7 @@ unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 impl QWeight {
-    /// Wrap ggml-layout bytes. `bytes.len()` must be `rows * cols / 32 * type_size`.
+    /// Wrap ggml-layout bytes. `bytes.len()` must be `rows * cols / block_size * type_size`.
     pub fn new(
         dtype: QType,
         rows: usize,
@@ -513,12 +705,13 @@ impl QWeight {
         bytes: impl Into<Arc<[u8]>>,
     ) -> Result<Self, KernelError> {
         let mut bytes: Arc<[u8]> = bytes.into();
-        if !cols.is_multiple_of(QK) {
+        let bs = dtype.block_size();
+        if !cols.is_multiple_of(bs) {
             return Err(KernelError::Shape(format!(
-                "cols {cols} not a multiple of {QK}"
+                "{dtype:?}: cols {cols} not a multiple of {bs}"
             )));
         }
-        let want = rows * (cols / QK) * dtype.type_size();
+        let want = rows * (cols / bs) * dtype.type_size();
         if bytes.len() != want {
             return Err(KernelError::Shape(format!(
                 "{dtype:?} {rows}×{cols}: expected {want} bytes, got {}",
@@ -537,7 +730,8 @@ impl QWeight {
         })
     }
 
-    /// Quantize an f32 matrix (`rows × cols`, row-major) with ggml's reference quantizers.
+    /// Quantize an f32 matrix (`rows × cols`, row-major) with ggml's reference quantizers (the
+    /// legacy formats; k-quant weights come as GGUF bytes through [`QWeight::new`]).
     pub fn from_f32(
         dtype: QType,
         rows: usize,
@@ -592,6 +786,11 @@ impl QWeight {
                 data,
                 blocks::quantize_row_q8_0_ref,
             ),
+            QType::Q4K | QType::Q6K => {
+                return Err(KernelError::Unsupported(format!(
+                    "quantizing to {dtype:?} (wrap GGUF bytes with QWeight::new)"
+                )))
+            }
         };
         Self::new(dtype, rows, cols, bytes)
     }
@@ -616,7 +815,7 @@ impl QWeight {
         &self.bytes
     }
     pub fn row_bytes(&self) -> usize {
-        self.cols / QK * self.dtype.type_size()
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
     }
 
     /// Dequantize row `r` (e.g. an embedding lookup) into `out` (`cols` values).
@@ -629,6 +828,8 @@ impl QWeight {
             QType::Q4_1 => blocks::dequantize_row_q4_1(blocks::cast_blocks(b), out),
             QType::Q5_0 => blocks::dequantize_row_q5_0(blocks::cast_blocks(b), out),
             QType::Q8_0 => blocks::dequantize_row_q8_0(blocks::cast_blocks(b), out),
+            QType::Q4K => blocks::dequantize_row_q4_k(blocks::cast_blocks(b), out),
+            QType::Q6K => blocks::dequantize_row_q6_k(blocks::cast_blocks(b), out),
         }
     }
 
@@ -725,7 +926,7 @@ impl QWeight {
         out: *mut f32,
         out_stride: usize,
     ) {
-        let (nb, m, b) = (self.cols / QK, x.m(), &self.bytes[..]);
+        let (nb, m, b) = (self.cols / self.dtype.block_size(), x.m(), &self.bytes[..]);
         match self.dtype {
             QType::Q4_0 => BlockQ4_0::rows(
                 isa,
@@ -767,6 +968,26 @@ impl QWeight {
                 out,
                 out_stride,
             ),
+            QType::Q4K => BlockQ4K::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_k(),
+                m,
+                out,
+                out_stride,
+            ),
+            QType::Q6K => BlockQ6K::rows(
+                isa,
+                blocks::cast_blocks(b),
+                nb,
+                rows,
+                x.q8_k(),
+                m,
+                out,
+                out_stride,
+            ),
         }
     }
 
@@ -777,7 +998,7 @@ impl QWeight {
 
 /// Several weights applied to the same activations (Q/K/V, gate/up) in one pool dispatch:
 /// `outs[i]` (`x.m() × ws[i].rows()`) `= x · ws[i]ᵀ`. All weights need the same activation
-/// format and `cols` (e.g. Q4_1 and Q8_1, or any of Q4_0/Q5_0/Q8_0 with Q8_0).
+/// format and `cols` (e.g. Q4_1 and Q8_1, any of Q4_0/Q5_0/Q8_0 with Q8_0, Q4_K/Q6_K with Q8_K).
 pub fn matmul_multi(
     pool: &KernelPool,
     ws: &[&QWeight],
@@ -812,6 +1033,7 @@ fn matmul_multi_isa(
             w.rows
         );
     }
+    // Work in 32-element weight blocks (the same unit for every format).
     let total_blocks: usize = ws.iter().map(|w| w.rows * (w.cols / QK) * m).sum();
     if total_blocks == 0 {
         return;
