@@ -12,6 +12,13 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
+/// HTTP/2 pings on every replica connection, idle or not: a replica that vanished without
+/// closing its connection (a network cut, a frozen host) fails the call within about
+/// `KEEPALIVE + KEEPALIVE_TIMEOUT`, not after the whole call timeout. The model services
+/// compute off their async threads, so a busy replica still answers pings.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Muse,
@@ -48,6 +55,9 @@ impl Replica {
         let channel = Endpoint::from_shared(endpoint.clone())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Self {
             endpoint,
@@ -128,6 +138,9 @@ pub struct Pool {
     waiting: Gauge,
     /// Replicas known (a metric).
     known: Gauge,
+    /// Rotates which of equally loaded replicas a lease picks, so one-at-a-time traffic
+    /// spreads over all of them instead of always reaching the first.
+    next_pick: AtomicUsize,
 }
 
 impl Pool {
@@ -153,6 +166,7 @@ impl Pool {
             replicas: RwLock::new(replicas),
             waiting,
             known,
+            next_pick: AtomicUsize::new(0),
         })
     }
 
@@ -230,17 +244,23 @@ impl Pool {
             .map(|r| r.endpoint.clone())
     }
 
-    /// A healthy replica serving `model` (any model when empty), least loaded first, leased
-    /// until the lease drops. Waits (FIFO) for a slot; None when no replica fits.
+    /// A healthy replica serving `model` (any model when empty), least loaded first, ties
+    /// taken in turn, leased until the lease drops. Waits (FIFO) for a slot; None when no
+    /// replica fits.
     pub async fn lease(&self, model: &str, exclude: &[String]) -> Option<Lease> {
-        let candidate = self
+        let fits: Vec<Arc<Replica>> = self
             .replicas()
-            .iter()
+            .into_iter()
             .filter(|r| {
                 r.is_healthy()
                     && (model.is_empty() || r.model() == model)
                     && !exclude.contains(&r.endpoint)
             })
+            .collect();
+        let start = self.next_pick.fetch_add(1, Ordering::Relaxed) % fits.len().max(1);
+        let candidate = fits[start..]
+            .iter()
+            .chain(&fits[..start])
             .min_by_key(|r| r.in_flight.load(Ordering::Relaxed))?
             .clone();
         candidate.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -354,5 +374,33 @@ mod tests {
         );
         assert_eq!(known.get(), 1);
         assert!(Arc::ptr_eq(&replica(&pool, "http://static:1"), &fixed));
+    }
+
+    #[tokio::test]
+    async fn one_call_at_a_time_reaches_every_replica_and_load_still_wins() {
+        let entries: Vec<String> = (1..=3).map(|i| format!("http://r{i}:1")).collect();
+        let pool = Pool::new(Role::Muse, &entries, 2, Gauge::default(), Gauge::default()).unwrap();
+        for r in pool.replicas() {
+            r.healthy.store(true, Ordering::Relaxed);
+        }
+        let mut picked: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            picked.push(pool.lease("", &[]).await.unwrap().replica.endpoint.clone());
+        }
+        picked.sort();
+        assert_eq!(
+            picked, entries,
+            "sequential calls take the replicas in turn"
+        );
+        // Two calls running on r1 and r2: every new call goes to idle r3.
+        let busy = [
+            pool.lease("", &["http://r3:1".into()]).await.unwrap(),
+            pool.lease("", &["http://r3:1".into()]).await.unwrap(),
+        ];
+        assert_ne!(busy[0].replica.endpoint, busy[1].replica.endpoint);
+        for _ in 0..3 {
+            let l = pool.lease("", &[]).await.unwrap();
+            assert_eq!(l.replica.endpoint, "http://r3:1");
+        }
     }
 }
