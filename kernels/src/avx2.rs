@@ -429,11 +429,12 @@ impl KQuant for BlockQ4K {
         let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
         // m[g / 2] for the 16 groups of 16.
         let pairs = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        let d = ld_f16x2!(addr_of!((*b).d));
         KScales {
             packed: _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm)),
             mins: _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, pairs)),
-            d: (*b).d.to_f32(),
-            dmin: (*b).dmin.to_f32(),
+            d: _mm_cvtss_f32(d),
+            dmin: _mm_cvtss_f32(_mm_movehdup_ps(d)),
         }
     }
     /// `packed` holds sc0..sc7 as i16 in both halves: broadcast word k.
@@ -458,7 +459,7 @@ impl KQuant for BlockQ6K {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scales(b: *const Self) -> KScales {
         let sc = _mm_loadu_si128(addr_of!((*b).scales).cast());
-        let d = (*b).d.to_f32();
+        let d = _mm_cvtss_f32(ld_f16!(addr_of!((*b).d)));
         KScales {
             packed: _mm256_castsi128_si256(sc),
             mins: _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(sc)),

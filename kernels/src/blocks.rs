@@ -318,8 +318,15 @@ pub fn quantize_row_q8_1_scalar(xs: &[f32], ys: &mut [BlockQ8_1]) {
     }
 }
 
+/// ggml `nearest_int`: round half to even through the f32 mantissa (|v| <= 2²²), without the
+/// libm call `round_ties_even` becomes on baseline x86-64, and vectorizable.
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    ((v + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 /// ggml `quantize_row_q8_K_ref`: `iscale = -127 / max` with `max` the (signed) value of
-/// largest magnitude, `q = min(127, round_half_even(iscale * x))`, `d = 1 / iscale`, and the
+/// largest magnitude, `q = min(127, nearest_int(iscale * x))`, `d = 1 / iscale`, and the
 /// sums of each 16 quants. (ggml uses this scalar code on x86 too.) An all-zero block gets
 /// `d = 0` and zero quants and sums.
 pub fn quantize_row_q8_k(xs: &[f32], ys: &mut [BlockQ8K]) {
@@ -338,7 +345,7 @@ pub fn quantize_row_q8_k(xs: &[f32], ys: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in y.qs.iter_mut().zip(x) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = nearest_int(iscale * v).min(127) as i8;
         }
         for (s, q) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
             *s = q.iter().map(|&q| q as i16).sum();
