@@ -2,6 +2,7 @@
 //!
 //!   cargo bench -p mm-kernels --bench kernels                 # candle at its default thread count
 //!   CANDLE_NUM_THREADS=1 cargo bench -p mm-kernels --bench kernels
+//!   BENCH_FILTER=kq cargo bench -p mm-kernels --bench kernels # only the k-quant table
 //!
 //! "hot": one weight matrix, resident in L2/L3. "cold": rotating over enough copies to exceed
 //! the L3 (as in a real decode step, where the whole model streams from DRAM each token).
@@ -72,6 +73,69 @@ fn cpu_ticks() -> u64 {
             Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
         })
         .unwrap_or(0)
+}
+
+fn candle_dtype(dtype: QType) -> GgmlDType {
+    match dtype {
+        QType::Q4_0 => GgmlDType::Q4_0,
+        QType::Q4_1 => GgmlDType::Q4_1,
+        QType::Q5_0 => GgmlDType::Q5_0,
+        QType::Q8_0 => GgmlDType::Q8_0,
+        QType::Q4K => GgmlDType::Q4K,
+        QType::Q6K => GgmlDType::Q6K,
+    }
+}
+
+/// Q4_K / Q6_K products (decode m = 1 and prefill batches) against candle's `QMatMul` on the
+/// same bytes (candle-quantized random weights), weights hot. Shapes: the k-quant tensors of
+/// Gemma-3-270M Q4_K_M (attn_output 1024→640 Q4_K; ffn_down 2048→640, half Q4_K, half Q6_K)
+/// and of Gemma-3-1B (ffn_down 6912→1152, attn_output 1024→1152; its 1152-wide inputs are not
+/// a multiple of 256, so those tensors are never k-quants).
+fn kquant_products(p1: &KernelPool, p2: &KernelPool, rng: &mut Rng) {
+    let dev = Device::Cpu;
+    let shapes: &[(&str, QType, usize, usize)] = &[
+        ("270m attn_output 1024→640", QType::Q4K, 1024, 640),
+        ("270m ffn_down 2048→640", QType::Q4K, 2048, 640),
+        ("270m ffn_down 2048→640", QType::Q6K, 2048, 640),
+        ("1b attn_output 1024→1152", QType::Q4K, 1024, 1152),
+        ("1b ffn_down 6912→1152", QType::Q4K, 6912, 1152),
+        ("1b ffn_down 6912→1152", QType::Q6K, 6912, 1152),
+    ];
+    println!(
+        "\nk-quants, hot, µs per call (candle {} threads):",
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:<26} {:>4} {:>4} | {:>9} | {:>9} | {:>9} | {:>8}",
+        "shape", "type", "m", "ours 2T", "ours 1T", "candle", "candle/2T"
+    );
+    for &(label, dtype, cols, rows) in shapes {
+        let t = Tensor::from_vec(rng.vec(rows * cols), (rows, cols), &dev).unwrap();
+        let cq = QTensor::quantize(&t, candle_dtype(dtype)).unwrap();
+        let w = QWeight::new(dtype, rows, cols, cq.data().unwrap().to_vec()).unwrap();
+        let cmm = QMatMul::from_qtensor(cq).unwrap();
+        for m in [1usize, 8, 64] {
+            let xs = rng.vec(m * cols);
+            let xt = Tensor::from_vec(xs.clone(), (m, cols), &dev).unwrap();
+            let mut out = vec![0f32; m * rows];
+            let t2 = time(|_| w.matmul(p2, black_box(&xs), m, &mut out));
+            let t1 = time(|_| w.matmul(p1, black_box(&xs), m, &mut out));
+            let tc = time(|_| {
+                black_box(cmm.forward(&xt).unwrap());
+            });
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            println!(
+                "{:<26} {:>4} {:>4} | {:>9.1} | {:>9.1} | {:>9.1} | {:>7.2}×",
+                label,
+                format!("{dtype:?}"),
+                m,
+                us(t2),
+                us(t1),
+                us(tc),
+                us(tc) / us(t2)
+            );
+        }
+    }
 }
 
 fn rayon_matvec(
@@ -150,16 +214,19 @@ fn main() {
         }
     }
 
-    println!(
-        "\n{:<30} {:>5} | {:>23} | {:>23} | {:>23} | {:>23} | {:>23}",
-        "shape",
-        "cache",
-        "ours 1T",
-        "ours 2T (KernelPool)",
-        "ours 2T (rayon)",
-        "candle same dtype",
-        "candle Q8_0"
-    );
+    let any_shape = shapes.iter().any(|s| s.0.contains(filter.as_str()));
+    if any_shape {
+        println!(
+            "\n{:<30} {:>5} | {:>23} | {:>23} | {:>23} | {:>23} | {:>23}",
+            "shape",
+            "cache",
+            "ours 1T",
+            "ours 2T (KernelPool)",
+            "ours 2T (rayon)",
+            "candle same dtype",
+            "candle Q8_0"
+        );
+    }
     for &(label, dtype, cols, rows) in shapes {
         if !label.contains(filter.as_str()) {
             continue;
@@ -167,12 +234,7 @@ fn main() {
         let wf = rng.vec(rows * cols);
         let w = QWeight::from_f32(dtype, rows, cols, &wf).unwrap();
         let bytes = w.bytes().len();
-        let gd = match dtype {
-            QType::Q4_0 => GgmlDType::Q4_0,
-            QType::Q4_1 => GgmlDType::Q4_1,
-            QType::Q5_0 => GgmlDType::Q5_0,
-            QType::Q8_0 => GgmlDType::Q8_0,
-        };
+        let gd = candle_dtype(dtype);
         // candle on the very same bytes
         let cq = QTensor::new(
             candle_core::quantized::QStorage::from_data(
@@ -267,6 +329,10 @@ fn main() {
 
     if filter.is_empty() || filter == "model" {
         model_sim(&p1, &p2, &mut rng);
+    }
+
+    if filter.is_empty() || filter == "kq" {
+        kquant_products(&p1, &p2, &mut rng);
     }
 
     if !filter.is_empty() && !"pool".contains(filter.as_str()) {
