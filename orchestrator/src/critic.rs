@@ -125,7 +125,7 @@ impl Critic<'_> {
             draft: draft.as_bytes().to_vec(),
             telemetry: Some(telemetry),
         };
-        let (result, _) = with_failover(ctx, ctx.majordomo, self.majordomo, |replica| {
+        let (result, _) = with_failover(ctx, ctx.majordomo, self.majordomo, None, |replica| {
             let mut client = mpb::majordomo_client::MajordomoClient::new(replica.channel.clone());
             let req = req.clone();
             deadline(ctx.call_timeout, "a critique", async move {

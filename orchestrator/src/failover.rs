@@ -23,12 +23,14 @@ pub fn replica_failed(s: &Status) -> bool {
     )
 }
 
-/// Runs `call` on a healthy replica of `pool` serving `model` (leased while the call runs),
-/// failing over as the module says. Returns the result and the endpoint that gave it.
+/// Runs `call` on a healthy replica of `pool` serving `model` (leased while the call runs;
+/// `prefer` first, see [`Pool::lease`]), failing over as the module says. Returns the result
+/// and the endpoint that gave it.
 pub async fn with_failover<T, F, Fut>(
     ctx: &TurnContext<'_>,
     pool: &Pool,
     model: &str,
+    prefer: Option<&str>,
     mut call: F,
 ) -> Result<(T, String), Status>
 where
@@ -38,7 +40,7 @@ where
     let mut tried: Vec<String> = Vec::new();
     let mut busy = 0;
     loop {
-        let Some(lease) = pool.lease(model, &tried).await else {
+        let Some(lease) = pool.lease(model, &tried, prefer).await else {
             return Err(Status::unavailable(format!(
                 "no healthy {} replica serves `{model}` (tried: {}); the session is unchanged — retry when a replica is back",
                 pool.role.name(),

@@ -94,7 +94,7 @@ pub async fn fold(
     let req = mpb::StructureRequest {
         draft: text.into_bytes(),
     };
-    let folded = with_failover(ctx, ctx.majordomo, majordomo_model, |replica| {
+    let folded = with_failover(ctx, ctx.majordomo, majordomo_model, None, |replica| {
         let mut client = mpb::majordomo_client::MajordomoClient::new(replica.channel.clone());
         let req = req.clone();
         async move { deadline(ctx.call_timeout, "a summary", client.structure(req)).await }

@@ -244,10 +244,16 @@ impl Pool {
             .map(|r| r.endpoint.clone())
     }
 
-    /// A healthy replica serving `model` (any model when empty), least loaded first, ties
-    /// taken in turn, leased until the lease drops. Waits (FIFO) for a slot; None when no
-    /// replica fits.
-    pub async fn lease(&self, model: &str, exclude: &[String]) -> Option<Lease> {
+    /// A healthy replica serving `model` (any model when empty), leased until the lease drops:
+    /// `prefer` when it fits and has a free slot (it holds the session's KV prefix: the prime
+    /// then costs only the new tokens), else the least loaded, ties taken in turn. Waits (FIFO)
+    /// for a slot; None when no replica fits.
+    pub async fn lease(
+        &self,
+        model: &str,
+        exclude: &[String],
+        prefer: Option<&str>,
+    ) -> Option<Lease> {
         let fits: Vec<Arc<Replica>> = self
             .replicas()
             .into_iter()
@@ -257,11 +263,18 @@ impl Pool {
                     && !exclude.contains(&r.endpoint)
             })
             .collect();
+        let preferred = prefer.and_then(|p| {
+            fits.iter()
+                .find(|r| r.endpoint == p && r.slots.available_permits() > 0)
+        });
         let start = self.next_pick.fetch_add(1, Ordering::Relaxed) % fits.len().max(1);
-        let candidate = fits[start..]
-            .iter()
-            .chain(&fits[..start])
-            .min_by_key(|r| r.in_flight.load(Ordering::Relaxed))?
+        let candidate = preferred
+            .or_else(|| {
+                fits[start..]
+                    .iter()
+                    .chain(&fits[..start])
+                    .min_by_key(|r| r.in_flight.load(Ordering::Relaxed))
+            })?
             .clone();
         candidate.in_flight.fetch_add(1, Ordering::Relaxed);
         self.waiting.inc();
@@ -342,7 +355,7 @@ mod tests {
         let (first_a, first_b) = (replica(&pool, sa), replica(&pool, sb));
         // Only `a` is healthy: it takes the next call, which is still running when `a` goes.
         first_a.healthy.store(true, Ordering::Relaxed);
-        let lease = pool.lease("", &[]).await.expect("a serves");
+        let lease = pool.lease("", &[], None).await.expect("a serves");
 
         pool.resolve(&dns).await;
         assert_eq!(endpoints(&pool), ["http://static:1", sa, sb, sc]);
@@ -355,7 +368,10 @@ mod tests {
         assert!(Arc::ptr_eq(&replica(&pool, sb), &first_b));
         let c_now = replica(&pool, sc);
         assert_eq!(lease.replica.endpoint, sa, "a's call goes on");
-        assert!(pool.lease("", &[]).await.is_none(), "no new call picks a");
+        assert!(
+            pool.lease("", &[], None).await.is_none(),
+            "no new call picks a"
+        );
         drop(lease);
 
         pool.resolve(&dns).await;
@@ -385,7 +401,14 @@ mod tests {
         }
         let mut picked: Vec<String> = Vec::new();
         for _ in 0..3 {
-            picked.push(pool.lease("", &[]).await.unwrap().replica.endpoint.clone());
+            picked.push(
+                pool.lease("", &[], None)
+                    .await
+                    .unwrap()
+                    .replica
+                    .endpoint
+                    .clone(),
+            );
         }
         picked.sort();
         assert_eq!(
@@ -394,13 +417,37 @@ mod tests {
         );
         // Two calls running on r1 and r2: every new call goes to idle r3.
         let busy = [
-            pool.lease("", &["http://r3:1".into()]).await.unwrap(),
-            pool.lease("", &["http://r3:1".into()]).await.unwrap(),
+            pool.lease("", &["http://r3:1".into()], None).await.unwrap(),
+            pool.lease("", &["http://r3:1".into()], None).await.unwrap(),
         ];
         assert_ne!(busy[0].replica.endpoint, busy[1].replica.endpoint);
         for _ in 0..3 {
-            let l = pool.lease("", &[]).await.unwrap();
+            let l = pool.lease("", &[], None).await.unwrap();
             assert_eq!(l.replica.endpoint, "http://r3:1");
         }
+    }
+
+    #[tokio::test]
+    async fn the_preferred_replica_takes_the_call_while_it_has_a_free_slot() {
+        let entries: Vec<String> = (1..=2).map(|i| format!("http://r{i}:1")).collect();
+        let pool = Pool::new(Role::Muse, &entries, 2, Gauge::default(), Gauge::default()).unwrap();
+        for r in pool.replicas() {
+            r.healthy.store(true, Ordering::Relaxed);
+        }
+        let r2 = Some("http://r2:1");
+        // r2 holds the session's KV prefix: it is chosen though it is busier than idle r1.
+        let first = pool.lease("", &[], r2).await.unwrap();
+        let second = pool.lease("", &[], r2).await.unwrap();
+        assert_eq!(
+            [&first.replica.endpoint, &second.replica.endpoint],
+            ["http://r2:1", "http://r2:1"]
+        );
+        // Its two slots are taken: the call goes elsewhere rather than wait.
+        let third = pool.lease("", &[], r2).await.unwrap();
+        assert_eq!(third.replica.endpoint, "http://r1:1");
+        // A preference that is down or excluded is ignored.
+        drop((first, second));
+        let l = pool.lease("", &["http://r2:1".into()], r2).await.unwrap();
+        assert_eq!(l.replica.endpoint, "http://r1:1");
     }
 }

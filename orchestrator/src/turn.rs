@@ -69,6 +69,13 @@ pub async fn run(
     let mut attempts: Vec<pb::Attempt> = Vec::new();
     let mut ranks: Vec<Rank> = Vec::new();
     let started = std::sync::atomic::AtomicBool::new(false);
+    // The replica that primed this conversation last keeps its KV prefix: the session's last
+    // turn's, then this turn's previous attempt's (the same prompt again).
+    let mut prefer = session
+        .turns
+        .last()
+        .and_then(|t| t.attempts.get(t.chosen_attempt.saturating_sub(1) as usize))
+        .map(|a| a.muse_replica.clone());
     for number in 1.. {
         let plain = !policy.dreams() || number > policy.max_attempts;
         let plan = Plan {
@@ -82,29 +89,31 @@ pub async fn run(
         };
         let segments = policy.critique_each_segment.then_some(&critic);
         let t_queue = Instant::now();
-        let (mut attempt, replica) = with_failover(ctx, ctx.muse, &roles.muse, |replica| {
-            let (plan, started) = (&plan, &started);
-            async move {
-                let queued = t_queue.elapsed().as_secs_f64() * 1e3;
-                if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    ctx.emit(TE::Started(pb::TurnStarted {
-                        turn: index,
-                        roles: Some(pb::Roles {
-                            muse: replica.model(),
-                            majordomo: String::new(),
-                        }),
-                        muse_replica: replica.endpoint.clone(),
-                        seed,
-                    }))
-                    .await?;
+        let (mut attempt, replica) =
+            with_failover(ctx, ctx.muse, &roles.muse, prefer.as_deref(), |replica| {
+                let (plan, started) = (&plan, &started);
+                async move {
+                    let queued = t_queue.elapsed().as_secs_f64() * 1e3;
+                    if !started.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        ctx.emit(TE::Started(pb::TurnStarted {
+                            turn: index,
+                            roles: Some(pb::Roles {
+                                muse: replica.model(),
+                                majordomo: String::new(),
+                            }),
+                            muse_replica: replica.endpoint.clone(),
+                            seed,
+                        }))
+                        .await?;
+                    }
+                    let mut a = attempt::run(ctx, &replica, plan, segments).await?;
+                    a.queue_millis = queued;
+                    Ok(a)
                 }
-                let mut a = attempt::run(ctx, &replica, plan, segments).await?;
-                a.queue_millis = queued;
-                Ok(a)
-            }
-        })
-        .await?;
-        attempt.muse_replica = replica;
+            })
+            .await?;
+        attempt.muse_replica = replica.clone();
+        prefer = Some(replica);
         let t_critique = Instant::now();
         let review = critic.review(ctx, &attempt.draft, &attempt.bursts).await?;
         attempt.critique_millis = t_critique.elapsed().as_secs_f64() * 1e3;
