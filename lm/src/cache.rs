@@ -128,6 +128,42 @@ impl KvCache {
             * self.dtype.size_in_bytes()
     }
 
+    /// A deep copy of the first `n` positions (at most `len`), independent of this cache from
+    /// then on.
+    ///
+    /// `Clone` shares the buffers, which `append` writes in place, so a clone is only a view of
+    /// the same sequence; a fork is a new one (a prefix cache keeps a prompt's positions while
+    /// sessions extend copies of them). Per layer the copy is exactly `n` positions wide and
+    /// grows on the next append; the fused CUDA path's flat buffer is copied whole.
+    pub fn fork_prefix(&self, n: usize) -> Result<Self> {
+        let len = self.len.min(n);
+        let copy = |l: &LayerKv| -> Result<LayerKv> {
+            Ok(LayerKv {
+                k: grow(&l.k, len, len)?,
+                v: grow(&l.v, len, len)?,
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().filter(|_| len > 0).map(copy).transpose())
+            .collect::<Result<_>>()?;
+        let flat = self.flat.as_ref().map(Tensor::copy).transpose()?;
+        let capacity = if self.flat_elems > 0 {
+            self.capacity
+        } else {
+            len
+        };
+        Ok(Self {
+            layers,
+            len,
+            capacity,
+            device: self.device.clone(),
+            flat,
+            ..*self
+        })
+    }
+
     /// Checks that `n` more positions fit, before any layer is touched.
     pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
         let needed = self.len + n;
@@ -195,4 +231,69 @@ fn grow(t: &Tensor, cap: usize, len: usize) -> Result<Tensor> {
         bigger.slice_set(&t.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
     }
     Ok(bigger)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{shape_named, Input, LoadOptions, Model};
+
+    fn tiny() -> Model {
+        Model::random(shape_named("tiny").unwrap(), 0, &LoadOptions::default()).unwrap()
+    }
+
+    /// Layer 0's keys at every held position, on the host.
+    fn keys(c: &super::KvCache) -> Vec<f32> {
+        let l = c.layers[0].as_ref().unwrap();
+        let k = l.k.narrow(1, 0, c.len).unwrap();
+        k.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn a_fork_is_independent_of_its_source_where_a_clone_is_not() {
+        let m = tiny();
+        let mut source = m.new_cache();
+        m.forward(Input::Tokens(&[1, 2, 3]), &mut source).unwrap();
+        let mut fork = source.fork_prefix(3).unwrap();
+        let shared = source.clone();
+        let (before, fork_before) = (keys(&source), keys(&fork));
+        assert_eq!(before, fork_before);
+        assert_eq!(fork.memory_bytes(), source.bytes_for(3));
+
+        // Rewrite position 2 of the source in place: the clone sees it, the fork does not.
+        source.truncate(2);
+        m.forward(Input::Tokens(&[7]), &mut source).unwrap();
+        assert_ne!(keys(&source), before);
+        assert_eq!(keys(&shared), keys(&source));
+        assert_eq!(keys(&fork), before);
+
+        // And the other way round: rewriting the fork in place leaves the source alone.
+        let source_now = keys(&source);
+        fork.truncate(1);
+        m.forward(Input::Tokens(&[8, 9]), &mut fork).unwrap();
+        assert_ne!(keys(&fork), before);
+        assert_eq!(keys(&source), source_now);
+    }
+
+    #[test]
+    fn a_fork_of_a_prefix_continues_like_that_prefix() {
+        let m = tiny();
+        let mut whole = m.new_cache();
+        let want = m.forward(Input::Tokens(&[1, 2, 3, 4]), &mut whole).unwrap();
+        let mut longer = m.new_cache();
+        m.forward(Input::Tokens(&[1, 2, 3, 5, 6]), &mut longer)
+            .unwrap();
+        let mut fork = longer.fork_prefix(3).unwrap();
+        assert_eq!(fork.memory_bytes(), longer.bytes_for(3));
+        let got = m.forward(Input::Tokens(&[4]), &mut fork).unwrap();
+        let d: f32 = (got - want.narrow(0, 3, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "the fork's next step differs by {d}");
+        assert_eq!(fork.len(), 4);
+    }
 }
