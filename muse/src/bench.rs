@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use lm::{argmax, Input};
 use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
+use muse::prefix::PrefixCache;
 use muse::session::{DreamSession, Prime};
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +73,7 @@ fn grpc_rate(lm: Arc<lm::LoadedModel>, ids: &[u32], steps: usize, repeats: usize
         let limits = muse::service::Limits {
             max_sessions: 4,
             kv_memory_bytes: 1 << 30,
+            prefix_cache_bytes: 0,
             compute_slots: 1,
             idle_timeout: std::time::Duration::from_secs(300),
             evict_idle: std::time::Duration::from_secs(15),
@@ -145,6 +147,10 @@ pub struct BenchArgs {
     /// Seed of the random weights (with --shape).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Measure only the prime of each turn of a conversation this many turns long, without
+    /// and with the prefix cache (a fresh session per prime, as each attempt is one).
+    #[arg(long, conflicts_with_all = ["shape", "weights"])]
+    turns: Option<usize>,
 }
 
 /// A deterministic prompt of exactly `n` tokens.
@@ -182,6 +188,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let lm = Arc::new(a.model.load()?);
     let load_s = t0.elapsed().as_secs_f64();
+    if let Some(turns) = a.turns {
+        return prime_turns(&lm, turns, a.repeats, a.json);
+    }
     lm.check_fits(a.prompt_tokens + a.decode_tokens)?;
     let ids = prompt_ids(&lm, a.prompt_tokens)?;
     let model = &lm.model;
@@ -241,6 +250,89 @@ pub fn run(a: BenchArgs) -> Result<()> {
             report["prompt_tokens_per_s"],
             report["decode_tokens_per_s"],
             report["threads"]
+        );
+    }
+    Ok(())
+}
+
+/// A reply of about 60 tokens and the next user message of about 15, different each turn.
+fn exchange(turn: usize) -> (String, String) {
+    const WORDS: &[&str] = &[
+        "the", "keeper", "climbed", "stone", "stairs", "each", "night", "to", "trim", "wicks",
+        "while", "ships", "found", "their", "way", "home", "through", "fog", "and", "storm",
+        "light", "swept", "across", "grey", "water", "gulls", "slept", "on", "ledges", "below",
+    ];
+    let words = |n: usize, from: usize| -> String {
+        let w: Vec<&str> = (0..n)
+            .map(|i| WORDS[(from + 7 * i) % WORDS.len()])
+            .collect();
+        w.join(" ")
+    };
+    (
+        format!("Turn {turn}: {}.", words(48, turn)),
+        format!("Now tell me more about {} please.", words(9, 3 * turn)),
+    )
+}
+
+/// Prime time of each turn of a `turns`-turn conversation: the whole transcript primed on a
+/// fresh session, without a prefix cache, with one (shared by the turns, as on a replica),
+/// and a retry of the same prompt with it. Best of `repeats` (a fresh prefix cache each).
+fn prime_turns(lm: &lm::LoadedModel, turns: usize, repeats: usize, json: bool) -> Result<()> {
+    let mut messages = vec![lm::ChatMessage::user("Tell me about lighthouses.")];
+    let mut prompts = Vec::new();
+    for turn in 1..=turns {
+        prompts.push(Prime::Chat(messages.clone()));
+        let (reply, next) = exchange(turn);
+        messages.push(lm::ChatMessage::new("assistant", reply));
+        messages.push(lm::ChatMessage::user(next));
+    }
+    let time = |prime: &Prime, prefixes: Option<&PrefixCache>| -> Result<(f64, usize, usize)> {
+        let t = Instant::now();
+        let p = DreamSession::new(lm).prime_with(prime, prefixes)?;
+        Ok((
+            t.elapsed().as_secs_f64() * 1e3,
+            p.prompt_tokens,
+            p.cached_tokens,
+        ))
+    };
+    time(&prompts[0], None)?; // warm-up: page in the weights
+    let best = |a: &mut f64, b: f64| *a = a.min(b);
+    // Per turn: prompt tokens, ms off, ms on, cached tokens on, ms retry.
+    let mut rows = vec![(0, f64::MAX, f64::MAX, 0, f64::MAX); turns];
+    for _ in 0..repeats {
+        let prefixes = PrefixCache::new(256 << 20);
+        for (row, prompt) in rows.iter_mut().zip(&prompts) {
+            let (off, n, _) = time(prompt, None)?;
+            let (on, _, cached) = time(prompt, Some(&prefixes))?;
+            let (retry, _, _) = time(prompt, Some(&prefixes))?;
+            best(&mut row.1, off);
+            best(&mut row.2, on);
+            best(&mut row.4, retry);
+            (row.0, row.3) = (n, cached);
+        }
+    }
+    if json {
+        let rows: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                serde_json::json!({"turn": i + 1, "prompt_tokens": r.0, "off_ms": r.1,
+                    "on_ms": r.2, "cached_tokens": r.3, "retry_ms": r.4})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"model": lm.name, "turns": rows}));
+        return Ok(());
+    }
+    println!("turn  prompt  cache off ms  cache on ms  cached  retry ms");
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "{:>4}  {:>6}  {:>12.1}  {:>11.1}  {:>6}  {:>8.1}",
+            i + 1,
+            r.0,
+            r.1,
+            r.2,
+            r.3,
+            r.4
         );
     }
     Ok(())

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod dream;
 mod inbox;
 pub mod metrics;
+pub mod prefix;
 pub mod render;
 pub mod serve;
 pub mod service;

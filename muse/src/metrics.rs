@@ -1,8 +1,10 @@
 //! What a muse replica counts for Prometheus (`muse serve --metrics ADDR`): its dreaming
 //! (latent steps, bursts by why they stopped), its committed tokens and their time (their
-//! ratio is tokens per second), prompt tokens, open sessions, and its gRPC requests.
+//! ratio is tokens per second), prompt tokens and how many the prefix cache saved, open
+//! sessions, and its gRPC requests.
 
-use crate::telemetry::{BurstSummary, CommitSummary};
+use crate::prefix::PrefixCache;
+use crate::telemetry::{BurstSummary, CommitSummary, PrimeSummary};
 use mm_kit::metrics::GrpcRequests;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::histogram::Histogram;
@@ -15,6 +17,11 @@ struct StopLabel {
     stop: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 pub struct MuseMetrics {
     pub registry: Arc<Registry>,
     pub grpc: GrpcRequests,
@@ -23,6 +30,9 @@ pub struct MuseMetrics {
     committed_tokens: Counter,
     commit_seconds: Histogram,
     prompt_tokens: Counter,
+    prefix_lookups: Family<ResultLabel, Counter>,
+    cached_tokens: Counter,
+    prefix_cache_bytes: Gauge,
     pub sessions: Gauge,
     /// Commits stopped because their client went away.
     pub commits_cancelled: Counter,
@@ -60,6 +70,24 @@ impl Default for MuseMetrics {
             "Prompt tokens primed",
             prompt_tokens.clone(),
         );
+        let prefix_lookups = Family::<ResultLabel, Counter>::default();
+        r.register(
+            "prefix_lookups",
+            "Primes by whether the prefix cache held a prefix of their prompt (hit) or not (miss)",
+            prefix_lookups.clone(),
+        );
+        let cached_tokens = Counter::default();
+        r.register(
+            "cached_tokens",
+            "Prompt tokens taken from the prefix cache instead of evaluated",
+            cached_tokens.clone(),
+        );
+        let prefix_cache_bytes = Gauge::default();
+        r.register(
+            "prefix_cache_bytes",
+            "Bytes of KV the prefix cache holds (bounded by prefix_cache_mb)",
+            prefix_cache_bytes.clone(),
+        );
         let sessions = Gauge::default();
         r.register("sessions", "Dreaming sessions open", sessions.clone());
         let commits_cancelled = Counter::default();
@@ -82,6 +110,9 @@ impl Default for MuseMetrics {
             committed_tokens,
             commit_seconds,
             prompt_tokens,
+            prefix_lookups,
+            cached_tokens,
+            prefix_cache_bytes,
             sessions,
             commits_cancelled,
             sessions_evicted,
@@ -90,8 +121,18 @@ impl Default for MuseMetrics {
 }
 
 impl MuseMetrics {
-    pub fn primed(&self, tokens: usize) {
-        self.prompt_tokens.inc_by(tokens as u64);
+    /// A prime, and the prefix cache it drew from (counted while it is enabled).
+    pub fn primed(&self, p: &PrimeSummary, prefixes: &PrefixCache) {
+        self.prompt_tokens.inc_by(p.prompt_tokens as u64);
+        if !prefixes.is_enabled() {
+            return;
+        }
+        let result = if p.cached_tokens > 0 { "hit" } else { "miss" };
+        self.prefix_lookups
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.cached_tokens.inc_by(p.cached_tokens as u64);
+        self.prefix_cache_bytes.set(prefixes.bytes() as i64);
     }
 
     pub fn burst(&self, b: &BurstSummary) {

@@ -24,6 +24,9 @@ pub struct ServeConfig {
     pub max_context: usize,
     /// KV cache all sessions together may hold, in MiB.
     pub kv_memory_mb: usize,
+    /// KV of recent prompts kept for later primes to start from, in MiB, beside
+    /// `kv_memory_mb` (the replica's KV bound is their sum); 0: no prefix cache.
+    pub prefix_cache_mb: usize,
     /// Commands running model work at once.
     pub compute_slots: usize,
     /// Address of Prometheus `GET /metrics`; none: no metrics listener.
@@ -45,6 +48,7 @@ impl Default for ServeConfig {
             max_sessions: 16,
             max_context: 4096,
             kv_memory_mb: 2048,
+            prefix_cache_mb: 256,
             compute_slots: 1,
             metrics: None,
             idle_timeout_s: 300,
@@ -62,6 +66,8 @@ pub struct ServeFlags {
     pub max_sessions: Option<usize>,
     #[arg(long)]
     pub kv_memory_mb: Option<usize>,
+    #[arg(long)]
+    pub prefix_cache_mb: Option<usize>,
     #[arg(long)]
     pub compute_slots: Option<usize>,
     #[arg(long)]
@@ -83,6 +89,7 @@ impl ServeConfig {
             .overrides
             .set("max_sessions", n(flags.max_sessions))
             .set("kv_memory_mb", n(flags.kv_memory_mb))
+            .set("prefix_cache_mb", n(flags.prefix_cache_mb))
             .set("compute_slots", n(flags.compute_slots))
             .set("idle_timeout_s", flags.idle_timeout_s)
             .set("evict_idle_s", flags.evict_idle_s);
@@ -129,6 +136,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let limits = Limits {
         max_sessions: cfg.max_sessions,
         kv_memory_bytes: cfg.kv_memory_mb << 20,
+        prefix_cache_bytes: cfg.prefix_cache_mb << 20,
         compute_slots: cfg.compute_slots,
         idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_s),
         evict_idle: std::time::Duration::from_secs(cfg.evict_idle_s),
@@ -177,9 +185,10 @@ mod tests {
                 c.model.as_str(),
                 c.max_sessions,
                 c.kv_memory_mb,
+                c.prefix_cache_mb,
                 c.compute_slots
             ),
-            ("smollm2-135m", 3, 2048, 1)
+            ("smollm2-135m", 3, 2048, 256, 1)
         );
         let bad = ServeFlags {
             service: ModelServiceFlags {

@@ -1,7 +1,8 @@
 //! The muse gRPC service (`muse.v1.Muse`): one bidirectional stream per dreaming session.
 //!
 //! Each session runs on its own blocking thread (model work is CPU-bound) and owns its KV
-//! cache; the model is shared. Admission: at most `max_sessions` streams and `kv_memory_bytes`
+//! cache; the model is shared, and so is the prefix cache of recent prompts' KV
+//! ([`crate::prefix`]). Admission: at most `max_sessions` streams and `kv_memory_bytes`
 //! of KV cache in total; model compute is granted per command through a fair (FIFO) semaphore
 //! so one busy session cannot starve the others.
 
@@ -9,6 +10,7 @@ use crate::convert;
 use crate::dream::DreamParams;
 use crate::inbox;
 use crate::metrics::MuseMetrics;
+use crate::prefix::PrefixCache;
 use crate::session::{DreamSession, PRIMED};
 use lm::LoadedModel;
 use mm_kit::status::status_of;
@@ -28,6 +30,9 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Bytes of KV cache all sessions together may hold.
     pub kv_memory_bytes: usize,
+    /// Bytes of recent prompts' KV kept for later primes to start from, beside
+    /// `kv_memory_bytes`; 0 keeps none.
+    pub prefix_cache_bytes: usize,
     /// Commands that may run model work at once (1 on a small CPU box).
     pub compute_slots: usize,
     /// A session that sends no command for this long is closed (its slot and KV freed).
@@ -53,6 +58,7 @@ struct Shared {
     lm: Arc<LoadedModel>,
     limits: Limits,
     sessions: Mutex<HashMap<String, Status_>>,
+    prefixes: PrefixCache,
     compute: Arc<Semaphore>,
     metrics: Arc<MuseMetrics>,
 }
@@ -95,6 +101,7 @@ impl MuseService {
         let compute = Arc::new(Semaphore::new(limits.compute_slots.max(1)));
         let shared = Shared {
             lm,
+            prefixes: PrefixCache::new(limits.prefix_cache_bytes),
             limits,
             sessions: Mutex::new(HashMap::new()),
             compute,
@@ -354,11 +361,14 @@ fn execute(
             let prime = convert::prime(&p)?;
             let estimate = convert::prime_len_hint(&prime);
             check_memory(&DreamSession::new(session.model()), estimate)?;
-            let n = session.prime(&prime).map_err(|e| status_of(&e))?;
-            shared.metrics.primed(n);
+            let primed = session
+                .prime_with(&prime, Some(&shared.prefixes))
+                .map_err(|e| status_of(&e))?;
+            shared.metrics.primed(&primed, &shared.prefixes);
             Ok(E::Primed(pb::Primed {
-                prompt_tokens: n as u32,
+                prompt_tokens: primed.prompt_tokens as u32,
                 position: session.len() as u32,
+                cached_tokens: primed.cached_tokens as u32,
             }))
         }
         C::Burst(b) => {

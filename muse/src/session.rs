@@ -4,8 +4,9 @@
 //! a commit without a pending burst simply decodes.
 
 use crate::dream::{self, DreamParams, Frontier, Step};
+use crate::prefix::PrefixCache;
 use crate::render::{self, Render};
-use crate::telemetry::{BurstStop, BurstSummary, CommitSummary, LatentStep};
+use crate::telemetry::{BurstStop, BurstSummary, CommitSummary, LatentStep, PrimeSummary};
 use lm::candle::Tensor;
 use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedModel};
 use std::collections::HashMap;
@@ -107,6 +108,16 @@ impl<'m> DreamSession<'m> {
     /// Resets the sequence and feeds the prologue as token ids; sets the `primed` checkpoint.
     /// Returns the prompt's token count.
     pub fn prime(&mut self, prime: &Prime) -> lm::Result<usize> {
+        Ok(self.prime_with(prime, None)?.prompt_tokens)
+    }
+
+    /// [`Self::prime`] that takes the KV of the longest prefix of the prompt from `prefixes`
+    /// and stores the primed prompt there for the next prime (the next turn, or a retry).
+    pub fn prime_with(
+        &mut self,
+        prime: &Prime,
+        prefixes: Option<&PrefixCache>,
+    ) -> lm::Result<PrimeSummary> {
         let ids = match prime {
             Prime::Chat(messages) => self.lm.chat_prompt(messages)?,
             Prime::Raw(text) => self.lm.raw_prompt(text)?,
@@ -116,18 +127,38 @@ impl<'m> DreamSession<'m> {
             return Err(LmError::InvalidInput("the prompt is empty".into()));
         }
         self.lm.check_fits(ids.len())?;
-        self.cache.clear();
         self.history.clear();
         self.checkpoints.clear();
         self.pending = None;
+        self.frontier = None;
+        let prefixes = prefixes.filter(|p| p.is_enabled());
+        let hit = prefixes.and_then(|p| p.lookup(&ids));
+        // The last prompt token is always forwarded: its row gives the frontier.
+        let cached = hit.as_ref().map_or(0, |h| h.shared.min(ids.len() - 1));
+        match &hit {
+            Some(h) if cached > 0 => self.cache = h.entry.cache().fork_prefix(cached)?,
+            _ => self.cache.clear(),
+        }
         self.frontier = Some(Frontier::advance(
             self.lm,
             &mut self.cache,
-            Input::Tokens(&ids),
+            Input::Tokens(&ids[cached..]),
         )?);
         self.prompt_last = ids.last().copied();
         self.checkpoint(PRIMED)?;
-        Ok(ids.len())
+        let stored = hit.is_some_and(|h| h.is_exact(&ids));
+        let prompt_tokens = ids.len();
+        if let Some(p) = prefixes.filter(|_| !stored) {
+            // Best effort: a prompt that cannot be kept is only evaluated in full next time.
+            match self.cache.fork_prefix(ids.len()) {
+                Ok(cache) => p.insert(ids, cache),
+                Err(e) => tracing::warn!("prefix cache: the prompt's KV was not kept: {e}"),
+            }
+        }
+        Ok(PrimeSummary {
+            prompt_tokens,
+            cached_tokens: cached,
+        })
     }
 
     fn snapshot(&self) -> lm::Result<Checkpoint> {

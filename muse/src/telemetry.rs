@@ -28,6 +28,14 @@ pub struct LatentStep {
     pub micros: u64,
 }
 
+/// What a prime did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PrimeSummary {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache instead of a forward.
+    pub cached_tokens: usize,
+}
+
 /// Why a burst ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

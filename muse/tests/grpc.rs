@@ -442,6 +442,36 @@ async fn a_commit_stops_when_its_client_goes_away() {
     assert_eq!(counter(&metrics, "muse_committed_tokens_total"), 0.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_prime_takes_its_prompt_from_the_prefix_cache() {
+    let metrics = format!("127.0.0.1:{}", mm_kit::peers::free_port());
+    let server = start(&["--metrics", &metrics]);
+    let mut client = MuseClient::connect(server.addr.clone()).await.unwrap();
+    let mut primes = Vec::new();
+    // Each attempt of a turn is a new stream priming the same transcript.
+    for _ in 0..2 {
+        let mut s = Session::open(&mut client).await.unwrap();
+        match s.run(chat("Write one line about the moon.")).await.pop() {
+            Some(E::Primed(p)) => primes.push(p),
+            other => panic!("{other:?}"),
+        }
+    }
+    let n = primes[0].prompt_tokens;
+    assert_eq!(primes[0].cached_tokens, 0);
+    assert_eq!(
+        (primes[1].prompt_tokens, primes[1].cached_tokens),
+        (n, n - 1)
+    );
+    assert_eq!(primes[1].position, n);
+    let hits = counter(&metrics, "muse_prefix_lookups_total{result=\"hit\"}");
+    let misses = counter(&metrics, "muse_prefix_lookups_total{result=\"miss\"}");
+    assert_eq!((hits, misses), (1.0, 1.0));
+    assert_eq!(
+        counter(&metrics, "muse_cached_tokens_total"),
+        f64::from(n - 1)
+    );
+}
+
 /// A raw HTTP/2 muse session stream: one DATA frame per command, as grpcio clients send them
 /// (tonic's client coalesces messages into large frames, which would hide the problem).
 struct RawStream {
