@@ -12,6 +12,14 @@ use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedM
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// Prompts are evaluated in chunks of this many positions, at multiples of it, and a cached
+/// prefix is resumed only at such a boundary. Each chunk then sees the same inputs (its tokens,
+/// the same KV before it) whether the prefix came from the prefix cache or not, so a prime is
+/// bit-identical either way and a recorded seed replays its turn on any replica. Batched
+/// matmuls round differently for different row counts: a prime resumed at an arbitrary
+/// position drifted from a cold one in the last bits, enough for a sampled reply to differ.
+pub const PRIME_CHUNK: usize = 32;
+
 /// Characters of a checkpoint name.
 const MAX_CHECKPOINT_CHARS: usize = 64;
 /// Checkpoint names an unknown-checkpoint error lists.
@@ -134,15 +142,23 @@ impl<'m> DreamSession<'m> {
         let prefixes = prefixes.filter(|p| p.is_enabled());
         let hit = prefixes.and_then(|p| p.lookup(&ids));
         // The last prompt token is always forwarded: its row gives the frontier.
-        let cached = hit.as_ref().map_or(0, |h| h.shared.min(ids.len() - 1));
+        let shared = hit.as_ref().map_or(0, |h| h.shared.min(ids.len() - 1));
+        let cached = shared / PRIME_CHUNK * PRIME_CHUNK;
         match &hit {
             Some(h) if cached > 0 => self.cache = h.entry.cache().fork_prefix(cached)?,
             _ => self.cache.clear(),
         }
+        let last = (ids.len() - 1) / PRIME_CHUNK * PRIME_CHUNK;
+        for start in (cached..last).step_by(PRIME_CHUNK) {
+            self.lm.model.forward(
+                Input::Tokens(&ids[start..start + PRIME_CHUNK]),
+                &mut self.cache,
+            )?;
+        }
         self.frontier = Some(Frontier::advance(
             self.lm,
             &mut self.cache,
-            Input::Tokens(&ids[cached..]),
+            Input::Tokens(&ids[last..]),
         )?);
         self.prompt_last = ids.last().copied();
         self.checkpoint(PRIMED)?;

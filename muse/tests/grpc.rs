@@ -4,6 +4,7 @@
 
 use mm_proto::muse::v1 as pb;
 use mm_proto::muse_session::SessionClient;
+use muse::session::PRIME_CHUNK;
 use pb::client_command::Command as C;
 use pb::muse_client::MuseClient;
 use pb::server_event::Event as E;
@@ -451,16 +452,20 @@ async fn a_retried_prime_takes_its_prompt_from_the_prefix_cache() {
     // Each attempt of a turn is a new stream priming the same transcript.
     for _ in 0..2 {
         let mut s = Session::open(&mut client).await.unwrap();
-        match s.run(chat("Write one line about the moon.")).await.pop() {
+        let ask = "Write one line about the moon, the tide it pulls and the sailors who watch it.";
+        match s.run(chat(ask)).await.pop() {
             Some(E::Primed(p)) => primes.push(p),
             other => panic!("{other:?}"),
         }
     }
     let n = primes[0].prompt_tokens;
+    // Resumed at the last whole chunk before the last token (see PRIME_CHUNK).
+    let cached = (n - 1) / PRIME_CHUNK as u32 * PRIME_CHUNK as u32;
+    assert!(cached > 0, "the prompt spans a chunk: {n} tokens");
     assert_eq!(primes[0].cached_tokens, 0);
     assert_eq!(
         (primes[1].prompt_tokens, primes[1].cached_tokens),
-        (n, n - 1)
+        (n, cached)
     );
     assert_eq!(primes[1].position, n);
     let hits = counter(&metrics, "muse_prefix_lookups_total{result=\"hit\"}");
@@ -468,7 +473,7 @@ async fn a_retried_prime_takes_its_prompt_from_the_prefix_cache() {
     assert_eq!((hits, misses), (1.0, 1.0));
     assert_eq!(
         counter(&metrics, "muse_cached_tokens_total"),
-        f64::from(n - 1)
+        f64::from(cached)
     );
 }
 
