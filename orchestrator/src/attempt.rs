@@ -75,6 +75,7 @@ pub async fn run(
         noise: plan.knobs.noise,
         steps: plan.knobs.steps,
         prompt_tokens: primed.prompt_tokens,
+        prompt_cached_tokens: primed.cached_tokens,
         plain: plan.plain,
         ..Default::default()
     };

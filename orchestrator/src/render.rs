@@ -173,7 +173,7 @@ pub fn session_json(s: &pb::Session) -> serde_json::Value {
                     "flags": a.flags().map(flag_name).collect::<Vec<_>>(),
                     "critique": serde_json::from_str::<serde_json::Value>(&a.critique_json).unwrap_or(serde_json::Value::Null),
                     "noise": a.noise, "steps": a.steps, "plain": a.plain, "bursts": bursts,
-                    "prompt_tokens": a.prompt_tokens, "reply_tokens": a.reply_tokens,
+                    "prompt_tokens": a.prompt_tokens, "prompt_cached_tokens": a.prompt_cached_tokens, "reply_tokens": a.reply_tokens,
                     "millis": {"prime": a.prime_millis, "commit": a.commit_millis, "critique": a.critique_millis, "queue": a.queue_millis}})
                 })
                 .collect();

@@ -481,16 +481,17 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             let result = turn::run(&ctx, &session, &policy, &message, &stop).await;
             let outcome = match result {
                 Ok(turn) => {
-                    let (prompt_tokens, reply_tokens) = turn
+                    let (prompt_tokens, prompt_cached_tokens, reply_tokens) = turn
                         .attempts
                         .get(turn.chosen_attempt.saturating_sub(1) as usize)
-                        .map(|a| (a.prompt_tokens, a.reply_tokens))
+                        .map(|a| (a.prompt_tokens, a.prompt_cached_tokens, a.reply_tokens))
                         .unwrap_or_default();
                     let mut reply = pb::Reply {
                         turn: turn.index,
                         text: turn.reply.clone(),
                         attempt: turn.chosen_attempt,
                         prompt_tokens,
+                        prompt_cached_tokens,
                         reply_tokens,
                         ..Default::default()
                     };

@@ -46,7 +46,8 @@ before = turns_ok()
 first = client.chat.completions.create(
     model=pair,
     messages=[
-        {"role": "system", "content": "You are a poet."},
+        # Long enough (over 32 tokens, the muse's prime chunk) for the next turn to reuse.
+        {"role": "system", "content": "You are a poet of the coast: you write short, plain lines about the sea, its weather and the people who work on it."},
         {"role": "user", "content": "Write one line about the sea."},
     ],
     max_tokens=32,
@@ -79,6 +80,13 @@ check(
     u2.prompt_tokens >= u1.prompt_tokens + u1.completion_tokens,
     f"the second prime ({u2.prompt_tokens} tokens) includes the first turn "
     f"({u1.prompt_tokens} + {u1.completion_tokens})",
+)
+# ... and the replica that primed the first turn reused its KV (whole chunks of the first
+# prime, OpenAI's prompt_tokens_details.cached_tokens).
+cached = u2.prompt_tokens_details.cached_tokens if u2.prompt_tokens_details else 0
+check(
+    0 < cached <= u1.prompt_tokens,
+    f"the second prime reused {cached} cached tokens; the first prime had {u1.prompt_tokens}",
 )
 found["second"] = {"text": second.choices[0].message.content, "usage": u2.model_dump()}
 

@@ -359,7 +359,11 @@ impl Answer {
     }
 
     fn usage(reply: &pb::Reply) -> Usage {
-        Usage::new(reply.prompt_tokens, reply.reply_tokens)
+        Usage::new(
+            reply.prompt_tokens,
+            reply.prompt_cached_tokens,
+            reply.reply_tokens,
+        )
     }
 
     /// A stream chunk: `delta`, the finish reason when done, `x_dream` when the dream moved.
