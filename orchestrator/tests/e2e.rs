@@ -877,7 +877,11 @@ async fn the_official_openai_client_completes_streams_and_continues_sessions() {
         .await
         .unwrap()
         .into_inner();
-    assert!(s.system.starts_with("You are a poet of the coast"), "{}", s.system);
+    assert!(
+        s.system.starts_with("You are a poet of the coast"),
+        "{}",
+        s.system
+    );
     assert_eq!(s.turns.len(), 2);
     assert_eq!(s.turns[0].user, "Write one line about the sea.");
     assert_eq!(s.turns[1].reply, found["second"]["text"].as_str().unwrap());
