@@ -927,67 +927,28 @@ impl QWeight {
         out_stride: usize,
     ) {
         let (nb, m, b) = (self.cols / self.dtype.block_size(), x.m(), &self.bytes[..]);
+        // Every format runs the same row loop over its own blocks and activation blocks.
+        macro_rules! rows {
+            ($block:ty, $acts:expr) => {
+                <$block>::rows(
+                    isa,
+                    blocks::cast_blocks(b),
+                    nb,
+                    rows,
+                    $acts,
+                    m,
+                    out,
+                    out_stride,
+                )
+            };
+        }
         match self.dtype {
-            QType::Q4_0 => BlockQ4_0::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_0(),
-                m,
-                out,
-                out_stride,
-            ),
-            QType::Q4_1 => BlockQ4_1::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_1(),
-                m,
-                out,
-                out_stride,
-            ),
-            QType::Q5_0 => BlockQ5_0::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_0(),
-                m,
-                out,
-                out_stride,
-            ),
-            QType::Q8_0 => BlockQ8_0::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_0(),
-                m,
-                out,
-                out_stride,
-            ),
-            QType::Q4K => BlockQ4K::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_k(),
-                m,
-                out,
-                out_stride,
-            ),
-            QType::Q6K => BlockQ6K::rows(
-                isa,
-                blocks::cast_blocks(b),
-                nb,
-                rows,
-                x.q8_k(),
-                m,
-                out,
-                out_stride,
-            ),
+            QType::Q4_0 => rows!(BlockQ4_0, x.q8_0()),
+            QType::Q4_1 => rows!(BlockQ4_1, x.q8_1()),
+            QType::Q5_0 => rows!(BlockQ5_0, x.q8_0()),
+            QType::Q8_0 => rows!(BlockQ8_0, x.q8_0()),
+            QType::Q4K => rows!(BlockQ4K, x.q8_k()),
+            QType::Q6K => rows!(BlockQ6K, x.q8_k()),
         }
     }
 
