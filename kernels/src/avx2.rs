@@ -152,6 +152,21 @@ macro_rules! yscale_q8_1 {
 /// one thread, Zen 3).
 pub const PF_DIST: usize = 4096;
 
+/// Prefetches the `len` bytes at `offset + PF_DIST` of the weight stream starting at `base`,
+/// one cache line at a time (a hint: addresses past the end are never dereferenced).
+#[inline(always)]
+unsafe fn prefetch_ahead(base: *const u8, offset: usize, len: usize) {
+    if PF_DIST == 0 {
+        return;
+    }
+    let p = base.wrapping_add(PF_DIST + offset);
+    let mut k = 0;
+    while k < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k) as *const i8);
+        k += 64;
+    }
+}
+
 /// Generates, per format pair:
 /// * `$fn1(x, y) -> f32`: one row (ggml `ggml_vec_dot_*`),
 /// * `$fnr::<R>(rows, y, nb, out)`: R weight rows against one activation row; the activation
@@ -183,12 +198,7 @@ macro_rules! dot_kernel {
             let step = R * std::mem::size_of::<$X>();
             let lane1 = _mm256_set1_epi32(1);
             for b in 0..nb {
-                let p = pf.wrapping_add(PF_DIST + b * step);
-                let mut k = 0;
-                while k < step {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k) as *const i8);
-                    k += 64;
-                }
+                prefetch_ahead(pf, b * step, step);
                 let mut ax = [_mm256_setzero_si256(); R];
                 let mut sx = [_mm256_setzero_si256(); R];
                 let mut dx = [_mm256_setzero_ps(); R];
@@ -251,15 +261,8 @@ macro_rules! dot_kernel {
             let pf = x[0] as *const u8;
             let step = R * std::mem::size_of::<$X>();
             for b in 0..nb {
-                if PF_DIST > 0 {
-                    // Rows r..r+R are contiguous: prefetch the linear stream PF_DIST ahead.
-                    let p = pf.wrapping_add(PF_DIST + b * step);
-                    let mut k = 0;
-                    while k < step {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k) as *const i8);
-                        k += 64;
-                    }
-                }
+                // Rows r..r+R are contiguous: prefetch the linear stream PF_DIST ahead.
+                prefetch_ahead(pf, b * step, step);
                 let yb = y.add(b);
                 let qy = _mm256_loadu_si256(addr_of!((*yb).qs) as *const __m256i);
                 let dy = $yscale!(yb);
@@ -513,12 +516,7 @@ pub unsafe fn dot_tile_k<X: KQuant, const R: usize, const C: usize>(
     let step = R * std::mem::size_of::<X>();
     for b in 0..nb {
         // Rows r..r+R are contiguous: prefetch the linear stream PF_DIST ahead.
-        let p = pf.wrapping_add(PF_DIST + b * step);
-        let mut k = 0;
-        while k < step {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k) as *const i8);
-            k += 64;
-        }
+        prefetch_ahead(pf, b * step, step);
         let mut s = [KScales {
             packed: _mm256_setzero_si256(),
             mins: _mm256_setzero_si256(),
