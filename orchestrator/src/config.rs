@@ -266,5 +266,23 @@ mod tests {
         let e =
             Config::load(&Flags::default(), environment(&[("MM_TLS_KEY", "k.pem")])).unwrap_err();
         assert!(e.to_string().contains("tls_cert is not"), "{e}");
+        let c = Config::load(
+            &Flags::default(),
+            environment(&[
+                ("MM_STORE", "postgres://mm@db/mm"),
+                ("MM_TURN_LEASE_S", "9"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.store, c.turn_lease_s),
+            (
+                crate::store::Location::Postgres("postgres://mm@db/mm".into()),
+                9
+            )
+        );
+        let e =
+            Config::load(&Flags::default(), environment(&[("MM_TURN_LEASE_S", "1")])).unwrap_err();
+        assert!(e.to_string().contains("turn_lease_s >= 3"), "{e}");
     }
 }

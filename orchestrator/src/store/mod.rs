@@ -450,6 +450,26 @@ mod tests {
         assert!(e.to_string().contains("newer than this mm"), "{e}");
     }
 
+    /// A URL that does not parse, or a server that does not answer, stops startup with an
+    /// error that says which; the password never appears in it.
+    #[tokio::test]
+    async fn a_bad_or_unreachable_postgres_store_is_named_at_start() {
+        let bad = Location::Postgres("postgres://mm:pw@db:notaport/mm".into());
+        let e = Store::open(&bad, TTL).await.err().expect("refused");
+        assert!(matches!(e, StoreError::Config(_)), "{e}");
+        assert!(e.to_string().contains("not a valid postgres:// URL"), "{e}");
+        let port = mm_kit::peers::free_port();
+        let down = Location::Postgres(format!("postgres://mm:s3cret@127.0.0.1:{port}/mm"));
+        let e = Store::open(&down, TTL).await.err().expect("refused");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cannot connect to the PostgreSQL store"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
     #[test]
     fn locations_parse_and_hide_passwords() {
         let l = Location::try_from("postgres://mm:s3cret@db:5432/mm".to_string()).unwrap();
