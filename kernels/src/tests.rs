@@ -438,6 +438,46 @@ fn matmul_small_batches() {
     }
 }
 
+/// A row's product does not depend on the batch it is in (the tile kernels for m >= 4, the
+/// row kernels below): what makes a batched step of several sequences equal to each
+/// sequence's step alone.
+#[test]
+fn a_rows_product_has_the_same_bits_at_every_batch_size() {
+    let pool = KernelPool::new(2);
+    for dtype in [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+    ] {
+        let mut rng = Rng::new(40);
+        let (rows, cols) = (37, 512);
+        let w = match dtype {
+            QType::Q4K | QType::Q6K => random_k_weight(dtype, rows, cols, &mut rng).0,
+            _ => QWeight::from_f32(dtype, rows, cols, &rng.vec(rows * cols)).unwrap(),
+        };
+        let xs = rng.vec(9 * cols);
+        let mut alone = vec![0f32; 9 * rows];
+        for c in 0..9 {
+            w.matmul(
+                &pool,
+                &xs[c * cols..(c + 1) * cols],
+                1,
+                &mut alone[c * rows..(c + 1) * rows],
+            );
+        }
+        for m in [2, 4, 5, 8, 9] {
+            let mut out = vec![0f32; m * rows];
+            w.matmul(&pool, &xs[..m * cols], m, &mut out);
+            for (i, (a, b)) in out.iter().zip(&alone).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} m={m} element {i}");
+            }
+        }
+    }
+}
+
 #[test]
 fn threads_give_identical_results() {
     let mut rng = Rng::new(7);

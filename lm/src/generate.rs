@@ -216,9 +216,9 @@ impl<'a> Decoder<'a> {
             if cache.len() >= cache.max_len() {
                 break StopReason::ContextFull;
             }
-            let h = self.lm.model.forward(Input::Tokens(&[id]), cache)?;
-            logits = self.lm.model.last_logits(&h)?;
-            hidden = Some(h);
+            let s = self.lm.model.step(Input::Tokens(&[id]), cache)?;
+            logits = s.host_logits()?;
+            hidden = Some(s.hidden);
             if let Some(stop) = self.take(id, on_text)? {
                 break stop;
             }

@@ -36,7 +36,7 @@ pub use loaded::LoadedModel;
 pub use mm_kernels::has_avx2;
 pub use model::{
     shape_named, Architecture, Embedding, GgufFile, Input, LoadOptions, Model, ModelConfig,
-    NamedShape, SHAPES,
+    NamedShape, StepStats, Stepped, MAX_STEP_BATCH, SHAPES,
 };
 pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,

@@ -150,3 +150,104 @@ fn gemma_scales_embeddings_into_input_space() {
         lm.model.embedding().mean_row_rms()
     );
 }
+
+/// The ids session `s` feeds at its step `k`: fixed, so a run does not depend on its logits.
+fn step_id(s: usize, k: usize) -> u32 {
+    (100 + (s * 7919 + k * 104_729) % 5000) as u32
+}
+
+/// Session `s`'s steps from its own prompt (ragged lengths across sessions); session 1
+/// rewinds five positions halfway and goes on with other ids. Returns the logits' bits per
+/// step.
+fn run_session(lm: &lm::LoadedModel, s: usize, steps: usize) -> Vec<Vec<u32>> {
+    let mut cache = lm.model.new_cache();
+    let prompt: Vec<u32> = (0..3 + 4 * s).map(|k| step_id(s + 10, k)).collect();
+    lm.model
+        .forward(Input::Tokens(&prompt), &mut cache)
+        .unwrap();
+    (0..steps)
+        .map(|k| {
+            if s == 1 && k == steps / 2 {
+                cache.truncate(cache.len() - 5);
+            }
+            let id = step_id(s, k) + u32::from(s == 1 && k >= steps / 2);
+            let out = lm.model.step(Input::Tokens(&[id]), &mut cache).unwrap();
+            let logits: Vec<f32> = out.logits.squeeze(0).unwrap().to_vec1().unwrap();
+            logits.iter().map(|x| x.to_bits()).collect()
+        })
+        .collect()
+}
+
+/// Concurrent sessions' steps run as batched forwards; each session's logits must be the
+/// same bits as when it runs alone, whatever it was batched with (ragged positions, one
+/// session rewinding mid-run).
+#[test]
+fn concurrent_steps_are_batched_and_equal_sequential_steps() {
+    const SESSIONS: usize = 4;
+    const STEPS: usize = 16;
+    for alias in MODELS {
+        let lm = by_alias(alias);
+        let alone: Vec<_> = (0..SESSIONS).map(|s| run_session(lm, s, STEPS)).collect();
+        let before = lm.model.step_stats();
+        let start = std::sync::Barrier::new(SESSIONS);
+        let together: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..SESSIONS)
+                .map(|s| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        start.wait();
+                        run_session(lm, s, STEPS)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let after = lm.model.step_stats();
+        let (batches, steps) = (after.batches - before.batches, after.steps - before.steps);
+        assert_eq!(steps, (SESSIONS * STEPS) as u64, "{alias}");
+        assert!(
+            batches < steps,
+            "{alias}: {steps} concurrent steps ran in {batches} batches: none was batched"
+        );
+        for s in 0..SESSIONS {
+            for k in 0..STEPS {
+                assert!(
+                    together[s][k] == alone[s][k],
+                    "{alias}: session {s} step {k}: batched logits differ from sequential"
+                );
+            }
+        }
+    }
+}
+
+/// `forward_batch` (one position for each of several caches at ragged lengths) gives each
+/// row the same bits as that cache's own forward.
+#[test]
+fn forward_batch_rows_equal_single_forwards_bit_for_bit() {
+    for alias in MODELS {
+        let lm = by_alias(alias);
+        let mut caches: Vec<_> = (0..3).map(|_| lm.model.new_cache()).collect();
+        for (s, c) in caches.iter_mut().enumerate() {
+            let prompt: Vec<u32> = (0..2 + 5 * s).map(|k| step_id(s, k)).collect();
+            lm.model.forward(Input::Tokens(&prompt), c).unwrap();
+        }
+        let mut single = caches.clone();
+        let ids = [step_id(7, 0), step_id(7, 1), step_id(7, 2)];
+        let mut refs: Vec<&mut lm::KvCache> = caches.iter_mut().collect();
+        let h = lm
+            .model
+            .forward_batch(&lm.model.embed(&ids).unwrap(), &mut refs)
+            .unwrap();
+        for (i, c) in single.iter_mut().enumerate() {
+            let want = lm.model.forward(Input::Tokens(&ids[i..=i]), c).unwrap();
+            let bits = |t: &lm::candle::Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert!(
+                bits(&h.narrow(0, i, 1).unwrap()) == bits(&want),
+                "{alias} row {i}"
+            );
+        }
+    }
+}

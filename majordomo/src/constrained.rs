@@ -176,8 +176,13 @@ pub fn decode(
                 limit: cache.max_len(),
             }));
         }
-        let h = lm.model.forward(Input::Tokens(&batch), cache)?;
-        logits = lm.model.last_logits(&h)?;
+        logits = if let [id] = batch[..] {
+            // One position batches with concurrent critiques' steps.
+            lm.model.step(Input::Tokens(&[id]), cache)?.host_logits()?
+        } else {
+            lm.model
+                .last_logits(&lm.model.forward(Input::Tokens(&batch), cache)?)?
+        };
         stats.forwards += 1;
     }
     let rest = stream.finish();

@@ -214,8 +214,17 @@ pub struct Frontier {
 }
 
 impl Frontier {
-    /// Feeds `input` and returns the new frontier.
+    /// Feeds `input` and returns the new frontier. One position is a step, batched with
+    /// other sessions' steps.
     pub fn advance(lm: &LoadedModel, cache: &mut KvCache, input: Input) -> lm::Result<Self> {
+        let one = match input {
+            Input::Tokens(ids) => ids.len() == 1,
+            Input::Vectors(v) => v.dim(0)? == 1,
+        };
+        if one {
+            let lm::Stepped { hidden, logits } = lm.model.step(input, cache)?;
+            return Ok(Self { logits, hidden });
+        }
         let h = lm.model.forward(input, cache)?;
         let n = h.dim(0)?;
         Self::at_row(lm, &h, n - 1)

@@ -12,6 +12,7 @@
 //! and the decode step of each batch size is captured once as a CUDA graph and replayed, which
 //! removes the per-launch host cost altogether.
 
+use super::batch::StepQueue;
 use super::config::RopeStyle;
 use super::{Block, ModelConfig, Norm};
 use crate::cuda::{self, addr, empty, launch, opt_ptr, Arg};
@@ -20,7 +21,7 @@ use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::{CudaDevice, DType, Device, Tensor};
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 /// Batch sizes whose decode step is captured as a graph at load.
 pub const GRAPH_BATCHES: usize = 8;
@@ -71,19 +72,8 @@ pub(crate) struct Fused {
     cap: usize,
     dtype: DType,
     graphs: Mutex<Graphs>,
-    /// Single-position steps waiting to be batched, and whether a batch is running.
-    queue: Mutex<Queue>,
-    batch_done: Condvar,
-}
-
-/// Steps from concurrent callers (sessions on their own threads) wait here; whoever finds no
-/// batch running takes every waiting step (up to [`GRAPH_BATCHES`]) and runs them as one.
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<(u64, Tensor, Row)>,
-    done: HashMap<u64, Result<Tensor>>,
-    running: bool,
-    next_ticket: u64,
+    /// Single-position steps of concurrent sequences, batched up to [`GRAPH_BATCHES`].
+    steps: StepQueue<(Tensor, Row), Tensor>,
 }
 
 impl std::fmt::Debug for Fused {
@@ -175,8 +165,7 @@ impl Fused {
             cap: cap.min(cuda::ATTENTION_SCRATCH_FLOATS - c.head_dim),
             dtype,
             graphs: Mutex::new(Graphs(HashMap::new())),
-            queue: Mutex::new(Queue::default()),
-            batch_done: Condvar::new(),
+            steps: StepQueue::new(GRAPH_BATCHES),
         };
         fused.capture(GRAPH_BATCHES)?;
         Ok(Some(fused))
@@ -247,36 +236,15 @@ impl Fused {
     /// submit meanwhile (continuous batching at step granularity: latent steps and commit
     /// tokens of concurrent sessions share one forward). Returns this row's hidden state.
     pub(crate) fn step(&self, x: &Tensor, row: Row) -> Result<Tensor> {
-        let poisoned = || LmError::Device("a batched step panicked".into());
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        let ticket = q.next_ticket;
-        q.next_ticket += 1;
-        q.waiting.push((ticket, x.clone(), row));
-        loop {
-            if let Some(result) = q.done.remove(&ticket) {
-                return result;
-            }
-            if !q.running {
-                let take = q.waiting.len().min(GRAPH_BATCHES);
-                let jobs: Vec<(u64, Tensor, Row)> = q.waiting.drain(..take).collect();
-                q.running = true;
-                drop(q);
-                let results = self.run_jobs(&jobs);
-                q = self.queue.lock().map_err(|_| poisoned())?;
-                q.running = false;
-                q.done.extend(results);
-                self.batch_done.notify_all();
-                continue;
-            }
-            q = self.batch_done.wait(q).map_err(|_| poisoned())?;
-        }
+        self.steps
+            .submit((x.clone(), row), |jobs| self.run_jobs(&jobs))
     }
 
     /// Runs waiting steps as one batch; every job gets its row, or the batch's error.
-    fn run_jobs(&self, jobs: &[(u64, Tensor, Row)]) -> Vec<(u64, Result<Tensor>)> {
+    fn run_jobs(&self, jobs: &[(Tensor, Row)]) -> Vec<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xs: Vec<&Tensor> = jobs.iter().map(|(_, x, _)| x).collect();
-            let rows: Vec<Row> = jobs.iter().map(|&(_, _, r)| r).collect();
+            let xs: Vec<&Tensor> = jobs.iter().map(|(x, _)| x).collect();
+            let rows: Vec<Row> = jobs.iter().map(|&(_, r)| r).collect();
             let h = self.forward(&Tensor::cat(&xs, 0)?, &rows)?;
             // Hold the batch open until the GPU has run it: a launch returns at once, and
             // without this wait the steps arriving meanwhile would each start a batch of one
@@ -285,20 +253,13 @@ impl Fused {
             Ok(h)
         };
         match run() {
-            Ok(h) => jobs
-                .iter()
-                .enumerate()
-                .map(|(i, (t, _, _))| (*t, h.narrow(0, i, 1).map_err(LmError::from)))
+            Ok(h) => (0..jobs.len())
+                .map(|i| h.narrow(0, i, 1).map_err(LmError::from))
                 .collect(),
             Err(e) => {
                 let msg = e.to_string();
                 jobs.iter()
-                    .map(|(t, _, _)| {
-                        (
-                            *t,
-                            Err(LmError::Device(format!("a batched step failed: {msg}"))),
-                        )
-                    })
+                    .map(|_| Err(LmError::Device(format!("a batched step failed: {msg}"))))
                     .collect()
             }
         }

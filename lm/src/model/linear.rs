@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
-    /// Our AVX2 kernels (CPU): Q4_0, Q4_1, Q5_0, Q8_0 in their GGUF bytes, exactly as ggml
-    /// computes them (activations quantized to Q8_0/Q8_1 per row).
+    /// Our AVX2 kernels (CPU): Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K in their GGUF bytes,
+    /// exactly as ggml computes them (activations quantized to Q8_0/Q8_1/Q8_K per row).
     Kernel(QWeight),
-    /// candle's quantized matmul (k-quants, and every type off the CPU).
+    /// candle's quantized matmul (other k-quants, and every type off the CPU).
     Quantized(QMatMul),
     /// `[out, in]`, already in the activation dtype.
     Dense(Tensor),
@@ -24,12 +24,17 @@ pub(crate) struct Linear {
 }
 
 /// Types our kernels run; candle runs Q4_1 and Q5_0 with a scalar loop (CANDLE-NOTES.md).
+/// Q4_K and Q6_K (Gemma) run here too: one thread pool instead of two, 1.65× candle's decode
+/// on the AVX2 box, and a row's product is the same at every batch size (candle's is not),
+/// which batched steps need.
 fn kernel_type(dtype: GgmlDType) -> Option<QType> {
     match dtype {
         GgmlDType::Q4_0 => Some(QType::Q4_0),
         GgmlDType::Q4_1 => Some(QType::Q4_1),
         GgmlDType::Q5_0 => Some(QType::Q5_0),
         GgmlDType::Q8_0 => Some(QType::Q8_0),
+        GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q6K => Some(QType::Q6K),
         _ => None,
     }
 }

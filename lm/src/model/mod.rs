@@ -3,6 +3,7 @@
 //! and `logits`. candle-transformers' model files take ids only and hide the hidden state;
 //! latent steps and constrained decoding need all three, so the forward is ours.
 
+mod batch;
 mod config;
 mod embedding;
 #[cfg(feature = "cuda")]
@@ -21,6 +22,8 @@ pub(crate) use safetensors::safetensors_shards;
 
 use crate::cache::KvCache;
 use crate::error::{LmError, Result};
+use batch::StepQueue;
+pub use batch::StepStats;
 use candle_core::{DType, Device, Tensor};
 use linear::{forward_many, Linear};
 use rope::RopeTables;
@@ -107,6 +110,48 @@ pub struct Model {
     /// The fused CUDA decode path, for dense llama/Qwen2 models on a CUDA device.
     #[cfg(feature = "cuda")]
     fused: Option<fused::Fused>,
+    /// Single-position steps of concurrent sequences, batched (everywhere but the fused path,
+    /// which batches its own).
+    steps: StepQueue<Job, Stepped>,
+}
+
+/// The most single-position steps one batched forward takes: past this the weights are read
+/// once per row already, and a larger batch only delays its first rows.
+pub const MAX_STEP_BATCH: usize = 16;
+
+/// One position's output: the final hidden state `[1, hidden]` and the logits `[1, vocab]` (f32).
+#[derive(Debug, Clone)]
+pub struct Stepped {
+    pub hidden: Tensor,
+    pub logits: Tensor,
+}
+
+impl Stepped {
+    /// The logits as a host vector (token sampling).
+    pub fn host_logits(&self) -> Result<Vec<f32>> {
+        Ok(self.logits.squeeze(0)?.to_vec1()?)
+    }
+}
+
+/// A sequence's cache handed to the thread that runs a batch. The submitting thread waits in
+/// [`StepQueue::submit`], holding its `&mut KvCache`, until the batch has stored its result,
+/// and the batch is done with the pointer before it stores results: the cache is never
+/// touched by two threads at once.
+struct CachePtr(*mut KvCache);
+// SAFETY: see above; the pointee is only used by the thread running the batch, while its
+// owner is blocked.
+unsafe impl Send for CachePtr {}
+
+/// A queued step: its input row `[1, hidden]` and its sequence's cache.
+struct Job {
+    x: Tensor,
+    cache: CachePtr,
+}
+
+/// One sequence's rows in a forward: the next `rows` input rows go at its cache's end.
+struct Segment<'c> {
+    cache: &'c mut KvCache,
+    rows: usize,
 }
 
 /// The tensors a loader hands over; shared by the GGUF and safetensors paths.
@@ -209,6 +254,7 @@ impl Model {
             quantization: p.quantization,
             #[cfg(feature = "cuda")]
             fused,
+            steps: StepQueue::new(MAX_STEP_BATCH),
         })
     }
 
@@ -286,9 +332,9 @@ impl Model {
         let x = self.input_rows(input)?;
         let n = x.dim(0)?;
         cache.reserve(n)?;
-        let pos = cache.len();
         #[cfg(feature = "cuda")]
         if let (Some(f), Some(buf)) = (&self.fused, cache.flat_buffer()) {
+            let pos = cache.len();
             let base = crate::cuda::addr(buf)?;
             let h = if n == 1 {
                 f.step(&x, fused::Row { cache: base, pos })?
@@ -301,18 +347,118 @@ impl Model {
             cache.advance(n);
             return Ok(h);
         }
-        let mut x = x;
+        self.forward_segments(x, &mut [Segment { cache, rows: n }])
+    }
+
+    /// Runs `x` through the blocks for several sequences at once: the linear layers see all
+    /// rows (one read of each weight), attention runs per sequence over its own cache. Every
+    /// per-row operation is independent of the other rows, so a sequence's rows come out the
+    /// same alone or batched. Caches must have room (`reserve`); they advance only when all
+    /// layers succeeded.
+    fn forward_segments(&self, mut x: Tensor, segs: &mut [Segment]) -> Result<Tensor> {
+        let pos: Vec<usize> = segs.iter().map(|s| s.cache.len()).collect();
         for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(i, block, &x, pos, cache)?;
+            x = self.block_forward(i, block, &x, &pos, segs)?;
         }
-        cache.advance(n);
+        for s in segs.iter_mut() {
+            s.cache.advance(s.rows);
+        }
         self.final_norm.forward(&x)
     }
 
+    /// One position of one sequence: its final hidden state and logits. Steps that other
+    /// threads submit meanwhile (concurrent sessions' latent steps, commit tokens,
+    /// constrained decoding) run as one batched forward, so `b` sessions read the weights
+    /// once per step instead of `b` times; a sequence's result does not depend on what it was
+    /// batched with. On error the cache is left as it was.
+    pub fn step(&self, input: Input, cache: &mut KvCache) -> Result<Stepped> {
+        let x = self.input_rows(input)?;
+        if x.dim(0)? != 1 {
+            return Err(LmError::InvalidInput(format!(
+                "a step feeds one position, got {}; use forward for several",
+                x.dim(0)?
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() {
+            let hidden = self.forward(Input::Vectors(&x), cache)?;
+            let logits = self.logits(&hidden)?;
+            return Ok(Stepped { hidden, logits });
+        }
+        let job = Job {
+            x,
+            cache: CachePtr(cache),
+        };
+        self.steps.submit(job, |jobs| self.run_steps(&jobs))
+    }
+
+    /// How many batched steps ran, and in how many batches (the CPU queue; the fused path
+    /// batches on its own).
+    pub fn step_stats(&self) -> StepStats {
+        self.steps.stats()
+    }
+
+    /// Runs queued steps: room is reserved per cache (a full one fails alone), the rest go
+    /// through one forward and one output projection. Should the batch fail, each step runs
+    /// alone so that each gets its own error.
+    fn run_steps(&self, jobs: &[Job]) -> Vec<Result<Stepped>> {
+        // SAFETY: `CachePtr`: each cache belongs to one waiting submitter, and `jobs` holds
+        // distinct caches (a submitter has one step in flight).
+        let cache = |i: usize| {
+            let ptr: *mut KvCache = jobs[i].cache.0;
+            unsafe { &mut *ptr }
+        };
+        let mut results: Vec<Option<Result<Stepped>>> = (0..jobs.len()).map(|_| None).collect();
+        let mut ready = Vec::with_capacity(jobs.len());
+        for (i, r) in results.iter_mut().enumerate() {
+            match cache(i).reserve(1) {
+                Ok(()) => ready.push(i),
+                Err(e) => *r = Some(Err(e)),
+            }
+        }
+        let batch = |idx: &[usize]| -> Result<Vec<Result<Stepped>>> {
+            let xs: Vec<&Tensor> = idx.iter().map(|&i| &jobs[i].x).collect();
+            let mut segs: Vec<Segment> = idx
+                .iter()
+                .map(|&i| Segment {
+                    cache: cache(i),
+                    rows: 1,
+                })
+                .collect();
+            let hidden = self.forward_segments(Tensor::cat(&xs, 0)?, &mut segs)?;
+            let logits = self.output.forward(&hidden)?.to_dtype(DType::F32)?;
+            Ok((0..idx.len())
+                .map(|r| {
+                    let hidden = hidden.narrow(0, r, 1)?;
+                    let logits = logits.narrow(0, r, 1)?;
+                    check_finite(&hidden)?;
+                    check_finite(&logits)?;
+                    Ok(Stepped { hidden, logits })
+                })
+                .collect())
+        };
+        match batch(&ready) {
+            Ok(rows) => {
+                for (&i, r) in ready.iter().zip(rows) {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) if ready.len() == 1 => results[ready[0]] = Some(Err(e)),
+            Err(_) => {
+                for &i in &ready {
+                    results[i] = Some(batch(&[i]).and_then(|mut r| r.remove(0)));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every step has a result"))
+            .collect()
+    }
+
     /// One position for each of several sequences: row `i` of `inputs [b, hidden]` goes to
-    /// `caches[i]`; returns the final hidden states `[b, hidden]`. On the fused CUDA path the
-    /// rows run as one batched step (ragged cache lengths); elsewhere one after another. A
-    /// cache may appear once. On error no cache has advanced.
+    /// `caches[i]`; returns the final hidden states `[b, hidden]`, as one batched forward
+    /// (ragged cache lengths). A cache may appear once. On error no cache has advanced.
     pub fn forward_batch(&self, inputs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let x = self.input_rows(Input::Vectors(inputs))?;
         if x.dim(0)? != caches.len() {
@@ -345,24 +491,11 @@ impl Model {
             }
             return Ok(h);
         }
-        let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let mut out = Vec::with_capacity(caches.len());
-        for i in 0..caches.len() {
-            match x
-                .narrow(0, i, 1)
-                .map_err(LmError::from)
-                .and_then(|row| self.forward(Input::Vectors(&row), caches[i]))
-            {
-                Ok(h) => out.push(h),
-                Err(e) => {
-                    for (c, &len) in caches.iter_mut().zip(&lens) {
-                        c.truncate(len);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(Tensor::cat(&out, 0)?)
+        let mut segs: Vec<Segment> = caches
+            .iter_mut()
+            .map(|c| Segment { cache: c, rows: 1 })
+            .collect();
+        self.forward_segments(x, &mut segs)
     }
 
     /// The `[n, hidden]` input-space rows for `input`, validated, on this model's device.
@@ -399,21 +532,9 @@ impl Model {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // Both sides are checked: our quantized kernels turn a NaN activation into finite
         // garbage, so broken weights show in the hidden state before they would in the logits.
-        // One NaN or infinity anywhere makes a sum non-finite; finite values cannot overflow
-        // it (activations and logits are far below 1e30 over at most millions of entries).
-        let finite = |t: &Tensor| -> Result<bool> {
-            Ok(t.to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .is_finite())
-        };
-        if !finite(hidden)? {
-            return Err(LmError::NonFiniteLogits);
-        }
+        check_finite(hidden)?;
         let logits = self.output.forward(hidden)?.to_dtype(DType::F32)?;
-        if !finite(&logits)? {
-            return Err(LmError::NonFiniteLogits);
-        }
+        check_finite(&logits)?;
         Ok(logits)
     }
 
@@ -426,13 +547,14 @@ impl Model {
             .to_vec1()?)
     }
 
+    /// One block over the rows of several sequences (`segs`, at positions `pos`).
     fn block_forward(
         &self,
         layer: usize,
         b: &Block,
         x: &Tensor,
-        pos: usize,
-        cache: &mut KvCache,
+        pos: &[usize],
+        segs: &mut [Segment],
     ) -> Result<Tensor> {
         let c = &self.config;
         let n = x.dim(0)?;
@@ -447,15 +569,25 @@ impl Model {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
         };
-        // [heads, n, head_dim]
-        let q = q.transpose(0, 1)?.contiguous()?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
         let theta = c.rope_theta_of(layer);
-        let q = self.rope.apply(&q, pos, theta)?;
-        let k = self.rope.apply(&k, pos, theta)?;
-        let (k_all, v_all) = cache.append(layer, &k, &v)?;
-        let attn = self.attention(&q, &k_all, &v_all, pos, c.window_of(layer))?;
+        let mut attn = Vec::with_capacity(segs.len());
+        let mut start = 0;
+        for (s, &pos) in segs.iter_mut().zip(pos) {
+            // [heads, rows, head_dim]
+            let part = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(0, start, s.rows)?.transpose(0, 1)?.contiguous()?)
+            };
+            let q = self.rope.apply(&part(&q)?, pos, theta)?;
+            let k = self.rope.apply(&part(&k)?, pos, theta)?;
+            let (k_all, v_all) = s.cache.append(layer, &k, &part(&v)?)?;
+            attn.push(self.attention(&q, &k_all, &v_all, pos, c.window_of(layer))?);
+            start += s.rows;
+        }
+        let attn = if attn.len() == 1 {
+            attn.pop().expect("one sequence")
+        } else {
+            Tensor::cat(&attn, 0)?
+        };
         let mut out = b.o.forward(&attn)?;
         if let Some(norm) = &b.post_attn_norm {
             out = norm.forward(&out)?;
@@ -544,5 +676,17 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(m, (n, keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// Fails on any NaN or infinity in `t`. One anywhere makes a sum non-finite; finite values
+/// cannot overflow it (activations and logits are far below 1e30 over at most millions of
+/// entries).
+fn check_finite(t: &Tensor) -> Result<()> {
+    let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(LmError::NonFiniteLogits)
     }
 }

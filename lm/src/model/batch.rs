@@ -1,0 +1,178 @@
+//! Continuous batching at step granularity: concurrent sequences (sessions on their own
+//! threads) hand their single-position steps to one queue, and whoever finds no batch running
+//! takes every waiting step, oldest first, and runs them as one forward. A step costs about
+//! as much as its weight reads, so a batch of `b` rows reads the weights once instead of `b`
+//! times; the others wait for their row meanwhile (leader and followers, no extra thread).
+//! The GPU's fused path and the CPU path share this queue; only the batched work differs.
+
+use crate::error::{LmError, Result};
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Waiting jobs `J`, finished results `O`, and whether a batch is running.
+pub(crate) struct StepQueue<J, O> {
+    state: Mutex<State<J, O>>,
+    batch_done: Condvar,
+    max_batch: usize,
+    stats: [AtomicU64; 2],
+}
+
+/// Batches run and steps they held since load: their ratio is the mean batch size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepStats {
+    pub batches: u64,
+    pub steps: u64,
+}
+
+struct State<J, O> {
+    waiting: VecDeque<(u64, J)>,
+    done: HashMap<u64, Result<O>>,
+    running: bool,
+    next_ticket: u64,
+}
+
+impl<J, O> std::fmt::Debug for StepQueue<J, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StepQueue(max_batch {}, {:?})",
+            self.max_batch,
+            self.stats()
+        )
+    }
+}
+
+impl<J, O> StepQueue<J, O> {
+    /// A queue whose batches hold at most `max_batch` jobs (at least one).
+    pub(crate) fn new(max_batch: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                done: HashMap::new(),
+                running: false,
+                next_ticket: 0,
+            }),
+            batch_done: Condvar::new(),
+            max_batch: max_batch.max(1),
+            stats: Default::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StepStats {
+        StepStats {
+            batches: self.stats[0].load(Ordering::Relaxed),
+            steps: self.stats[1].load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<J, O>> {
+        // A panic is caught around the batch, so the state is never left half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job` and returns its result once a batch has run it. The caller that finds no
+    /// batch running runs the waiting jobs (first come, first served: FIFO, so no sequence
+    /// starves) with `run`, which must return one result per job, in order.
+    pub(crate) fn submit(&self, job: J, run: impl Fn(Vec<J>) -> Vec<Result<O>>) -> Result<O> {
+        let mut q = self.lock();
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.waiting.push_back((ticket, job));
+        loop {
+            if let Some(result) = q.done.remove(&ticket) {
+                return result;
+            }
+            if !q.running {
+                let take = q.waiting.len().min(self.max_batch);
+                let (tickets, jobs): (Vec<u64>, Vec<J>) = q.waiting.drain(..take).unzip();
+                q.running = true;
+                drop(q);
+                self.stats[0].fetch_add(1, Ordering::Relaxed);
+                self.stats[1].fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                let results = match catch_unwind(AssertUnwindSafe(|| run(jobs))) {
+                    Ok(r) if r.len() == tickets.len() => r,
+                    Ok(r) => failed(
+                        tickets.len(),
+                        &format!("{} results for {} steps", r.len(), tickets.len()),
+                    ),
+                    Err(_) => failed(tickets.len(), "a batched step panicked"),
+                };
+                q = self.lock();
+                q.running = false;
+                q.done.extend(tickets.into_iter().zip(results));
+                self.batch_done.notify_all();
+                continue;
+            }
+            q = self.batch_done.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn failed<O>(n: usize, why: &str) -> Vec<Result<O>> {
+    (0..n)
+        .map(|_| Err(LmError::Device(format!("a batched step failed: {why}"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    #[test]
+    fn every_job_gets_its_own_result_and_waiting_jobs_share_a_batch() {
+        let q = Arc::new(StepQueue::<u32, u32>::new(8));
+        let batches = Arc::new(AtomicUsize::new(0));
+        let widest = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(6));
+        let handles: Vec<_> = (0..6u32)
+            .map(|i| {
+                let (q, batches, widest, start) =
+                    (q.clone(), batches.clone(), widest.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    (0..50u32)
+                        .map(|k| {
+                            q.submit(i * 1000 + k, |jobs| {
+                                batches.fetch_add(1, Ordering::SeqCst);
+                                widest.fetch_max(jobs.len(), Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_micros(200));
+                                jobs.into_iter().map(|j| Ok(j * 2)).collect()
+                            })
+                            .unwrap()
+                        })
+                        .collect::<Vec<u32>>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            let want: Vec<u32> = (0..50).map(|k| (i as u32 * 1000 + k) * 2).collect();
+            assert_eq!(got, want, "thread {i} got another thread's results");
+        }
+        // 300 steps from 6 threads: had nothing been batched there would be 300 batches.
+        assert!(batches.load(Ordering::SeqCst) < 300);
+        assert!(widest.load(Ordering::SeqCst) > 1);
+        assert!(widest.load(Ordering::SeqCst) <= 8);
+        let s = q.stats();
+        assert_eq!(s.steps, 300);
+        assert_eq!(s.batches, batches.load(Ordering::SeqCst) as u64);
+    }
+
+    #[test]
+    fn a_panicking_batch_fails_its_jobs_and_the_queue_goes_on() {
+        let q = StepQueue::<u32, u32>::new(4);
+        let e = q.submit(1, |_| panic!("boom")).unwrap_err().to_string();
+        assert!(e.contains("panicked"), "{e}");
+        assert_eq!(
+            q.submit(2, |jobs| jobs.into_iter().map(Ok).collect())
+                .unwrap(),
+            2
+        );
+        let e = q.submit(3, |_| Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("0 results for 1 steps"), "{e}");
+    }
+}
