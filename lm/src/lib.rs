@@ -13,6 +13,7 @@ mod error;
 mod generate;
 mod loaded;
 mod model;
+mod prefix;
 mod sampling;
 mod score;
 mod source;
@@ -42,6 +43,7 @@ pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,
     Sampler, SamplingParams,
 };
+pub use prefix::{Hit as PrefixHit, PrefixCache};
 pub use score::{continuation_nll, Nll};
 pub use source::{hub_cache_dir, verify, Alias, ALIASES};
 pub use stream::TextStream;

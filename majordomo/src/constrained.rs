@@ -84,6 +84,9 @@ impl Constrainer {
 /// Figures of one constrained decode.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DecodeStats {
+    /// The prompt's tokens, and those of them whose KV came from the prefix cache.
+    pub prompt_tokens: usize,
+    pub cached_prompt_tokens: usize,
     pub tokens: usize,
     /// Tokens the grammar forced (fed without sampling).
     pub forced: usize,

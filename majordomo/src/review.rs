@@ -161,9 +161,26 @@ const SYSTEM: &str =
     "You are the majordomo: a strict, sober editor. You judge drafts written by a \
 creative writer for a user's request. Reply with JSON only.";
 
+/// What a critique asks for. It sits in the system message, before anything that changes from
+/// one critique to the next, so every critique prompt starts with the same tokens and the
+/// prefix cache serves them.
+const CRITIQUE_TASK: &str = "Critique the draft: verdict (accept, revise or reject), coherence \
+and novelty from 0 to 10, issues, a one-sentence summary, its key points, and advice for the \
+next dream (noise lower, keep or raise; steps fewer, keep or more).";
+
+/// What structuring asks for (in the system message, as above).
+const STRUCTURE_TASK: &str =
+    "Give the draft a short title, its key points, and a one-sentence summary.";
+
+/// KV of recent prompts kept for later ones that start the same way (the instructions): a
+/// handful of prompts for the default models.
+const PREFIX_CACHE_BYTES: usize = 64 << 20;
+
 pub struct Majordomo {
     lm: Arc<LoadedModel>,
     constrainer: Constrainer,
+    /// Prompts' KV, so the shared instructions are evaluated once, not per critique.
+    prefixes: lm::PrefixCache,
     pub lengths: LengthLimits,
     pub limits: RequestLimits,
 }
@@ -178,6 +195,7 @@ impl Majordomo {
         Ok(Self {
             lm,
             constrainer,
+            prefixes: lm::PrefixCache::new(PREFIX_CACHE_BYTES),
             lengths: LengthLimits::default(),
             limits: RequestLimits::default(),
         })
@@ -274,11 +292,24 @@ impl Majordomo {
         self.lm
             .check_fits(prompt.len() + max_bytes.min(self.lm.model.max_context() / 2))?;
         let mut matcher = self.constrainer.matcher(schema)?;
-        let mut cache = self.lm.model.new_cache();
-        let h = self.lm.model.forward(Input::Tokens(prompt), &mut cache)?;
+        // The longest prefix an earlier prompt shares (at least the instructions), less the
+        // last token, whose row gives the first logits.
+        let (mut cache, cached) = match self.prefixes.lookup(prompt) {
+            Some(hit) => {
+                let n = hit.shared.min(prompt.len() - 1);
+                (hit.entry.cache().fork_prefix(n)?, n)
+            }
+            None => (self.lm.model.new_cache(), 0),
+        };
+        let h = self
+            .lm
+            .model
+            .forward(Input::Tokens(&prompt[cached..]), &mut cache)?;
         let logits = self.lm.model.last_logits(&h)?;
+        self.prefixes
+            .insert(prompt.to_vec(), cache.fork_prefix(prompt.len())?);
         let budget = max_bytes.min(self.lm.model.max_context() - prompt.len());
-        let (text, stats) = constrained::decode(
+        let (text, mut stats) = constrained::decode(
             &self.lm,
             &mut cache,
             logits,
@@ -293,6 +324,8 @@ impl Majordomo {
                 stats.tokens
             )));
         }
+        stats.prompt_tokens = prompt.len();
+        stats.cached_prompt_tokens = cached;
         Ok((text, stats))
     }
 }
@@ -342,9 +375,7 @@ pub fn critique_messages(r: &CritiqueRequest) -> Vec<ChatMessage> {
         .as_ref()
         .map_or_else(|| "none".to_string(), TelemetrySummary::describe);
     let user = format!(
-        "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}\n\nCritique the draft: verdict \
-         (accept, revise or reject), coherence and novelty from 0 to 10, issues, a one-sentence summary, its key \
-         points, and advice for the next dream (noise lower, keep or raise; steps fewer, keep or more).",
+        "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}",
         clip(&r.request, 600),
         if convo.is_empty() { "(none)".to_string() } else { convo.join("\n") },
         if r.draft.trim().is_empty() { "(empty)".to_string() } else { window(&r.draft) },
@@ -353,18 +384,18 @@ pub fn critique_messages(r: &CritiqueRequest) -> Vec<ChatMessage> {
     // User text is encoded as the template renders it; markers inside it stay text only if
     // the template escapes them, so strip the few that would end a turn early.
     vec![
-        ChatMessage::new("system", SYSTEM),
+        ChatMessage::new("system", format!("{SYSTEM} {CRITIQUE_TASK}")),
         ChatMessage::user(defuse(&user)),
     ]
 }
 
 /// The messages a critic reads to structure a draft.
 pub fn structure_messages(draft: &str) -> Vec<ChatMessage> {
-    let user = format!(
-        "Draft:\n{}\n\nGive it a short title, its key points, and a one-sentence summary.",
-        window(draft)
-    );
-    vec![ChatMessage::new("system", SYSTEM), ChatMessage::user(user)]
+    let user = format!("Draft:\n{}", window(draft));
+    vec![
+        ChatMessage::new("system", format!("{SYSTEM} {STRUCTURE_TASK}")),
+        ChatMessage::user(user),
+    ]
 }
 
 /// The part of a long text the model reads: its head and tail, with the cut marked.

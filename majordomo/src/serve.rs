@@ -45,7 +45,7 @@ pub struct ServeConfig {
     pub device: String,
     pub threads: Option<usize>,
     pub max_context: usize,
-    /// Requests decoding at once.
+    /// Requests decoding at once; their decoding steps run as one batched forward.
     pub workers: usize,
     /// Requests that may wait; more are refused with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
@@ -75,7 +75,7 @@ impl Default for ServeConfig {
             device: "cpu".into(),
             threads: None,
             max_context: 4096,
-            workers: 1,
+            workers: 8,
             queue_capacity: 8,
             backend: BackendKind::Local,
             base_url: None,

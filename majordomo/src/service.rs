@@ -150,6 +150,8 @@ fn result_event(out: &CritiqueOutcome) -> pb::CritiqueEvent {
                 forced: out.decode.forced as u32,
                 millis: out.decode.total_time.as_secs_f64() * 1e3,
                 mask_micros_per_token: out.decode.mask_micros_per_token(),
+                prompt_tokens: out.decode.prompt_tokens as u32,
+                cached_prompt_tokens: out.decode.cached_prompt_tokens as u32,
             }),
             findings: out.findings.iter().map(|k| issue_kind(*k) as i32).collect(),
             nll: out.nll.map(|n| n.mean),

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use lm::{argmax, Input};
 use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
-use muse::prefix::PrefixCache;
+use lm::PrefixCache;
 use muse::session::{DreamSession, Prime};
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,6 +58,54 @@ pub(crate) fn latent_rates(
         out.push((mode.as_str(), steps as f64 / best));
     }
     Ok(out)
+}
+
+/// Aggregate concept latent steps/s of `n` sessions bursting at once (their steps batched):
+/// `n × steps` over the wall time from a common start to the last burst's end, best of
+/// `repeats`; and the mean batch size the model's step queue saw.
+pub(crate) fn concurrent_latent_rate(
+    lm: &lm::LoadedModel,
+    ids: &[u32],
+    n: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<(f64, f64)> {
+    let prompt = latent_prompt(lm, ids);
+    let mut best = f64::MAX;
+    let before = lm.model.step_stats();
+    for _ in 0..repeats {
+        let mut sessions = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut s = DreamSession::new(lm);
+            s.prime(&Prime::Tokens(prompt.clone()))?;
+            sessions.push(s);
+        }
+        let start = std::sync::Barrier::new(n + 1);
+        let wall = std::thread::scope(|scope| -> Result<f64> {
+            let handles: Vec<_> = sessions
+                .iter_mut()
+                .map(|s| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        start.wait();
+                        s.burst(&bench_burst(LatentMode::Concept, steps), |_| true)
+                    })
+                })
+                .collect();
+            start.wait();
+            let t = Instant::now();
+            for h in handles {
+                let b = h.join().map_err(|_| anyhow::anyhow!("a burst panicked"))??;
+                anyhow::ensure!(b.steps == steps, "a burst stopped early ({})", b.stop.as_str());
+            }
+            Ok(t.elapsed().as_secs_f64())
+        })?;
+        best = best.min(wall);
+    }
+    let after = lm.model.step_stats();
+    let mean_batch =
+        (after.steps - before.steps) as f64 / (after.batches - before.batches).max(1) as f64;
+    Ok(((n * steps) as f64 / best, mean_batch))
 }
 
 /// Concept latent steps/s through the gRPC service on a loopback socket, telemetry streamed.
@@ -151,6 +199,9 @@ pub struct BenchArgs {
     /// and with the prefix cache (a fresh session per prime, as each attempt is one).
     #[arg(long, conflicts_with_all = ["shape", "weights"])]
     turns: Option<usize>,
+    /// Concurrent sessions for the aggregate latent-steps measurement (their steps batched).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    sessions: Vec<usize>,
 }
 
 /// A deterministic prompt of exactly `n` tokens.
@@ -167,6 +218,10 @@ fn prompt_ids(lm: &lm::LoadedModel, n: usize) -> Result<Vec<u32>> {
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_tokens >= 1, "--prompt-tokens must be at least 1");
     anyhow::ensure!(a.repeats >= 1, "--repeats must be at least 1");
+    anyhow::ensure!(
+        a.sessions.iter().all(|&n| (1..=64).contains(&n)),
+        "--sessions takes counts from 1 to 64"
+    );
     if a.shape.is_some() || a.weights.is_some() {
         let report = crate::bench_shape::run(&crate::bench_shape::ShapeBench {
             shape: a.shape.clone(),
@@ -238,6 +293,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .cloned()
         .collect::<std::collections::BTreeMap<_, _>>(
     ));
+    for &n in &a.sessions {
+        let (rate, batch) = concurrent_latent_rate(&lm, &ids, n, a.decode_tokens, a.repeats)?;
+        report[format!("latent_steps_per_s_sessions_{n}")] = rate.into();
+        report[format!("mean_step_batch_sessions_{n}")] = batch.into();
+    }
     report["grpc_latent_steps_per_s_concept"] = grpc.into();
     report["grpc_vs_in_process"] = (grpc / latent[0].1).into();
     report["peak_rss_bytes"] = peak_rss_bytes().into();

@@ -4,7 +4,6 @@ pub mod convert;
 pub mod dream;
 mod inbox;
 pub mod metrics;
-pub mod prefix;
 pub mod render;
 pub mod serve;
 pub mod service;

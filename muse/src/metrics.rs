@@ -3,7 +3,7 @@
 //! ratio is tokens per second), prompt tokens and how many the prefix cache saved, open
 //! sessions, and its gRPC requests.
 
-use crate::prefix::PrefixCache;
+use lm::PrefixCache;
 use crate::telemetry::{BurstSummary, CommitSummary, PrimeSummary};
 use mm_kit::metrics::GrpcRequests;
 use prometheus_client::encoding::EncodeLabelSet;

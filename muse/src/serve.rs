@@ -27,7 +27,8 @@ pub struct ServeConfig {
     /// KV of recent prompts kept for later primes to start from, in MiB, beside
     /// `kv_memory_mb` (the replica's KV bound is their sum); 0: no prefix cache.
     pub prefix_cache_mb: usize,
-    /// Commands running model work at once.
+    /// Commands running model work at once. Their single-position steps (latent steps,
+    /// commit tokens) run as one batched forward, so this is also the largest step batch.
     pub compute_slots: usize,
     /// Address of Prometheus `GET /metrics`; none: no metrics listener.
     pub metrics: Option<String>,
@@ -49,7 +50,7 @@ impl Default for ServeConfig {
             max_context: 4096,
             kv_memory_mb: 2048,
             prefix_cache_mb: 256,
-            compute_slots: 1,
+            compute_slots: 8,
             metrics: None,
             idle_timeout_s: 300,
             evict_idle_s: 15,
@@ -141,10 +142,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_s),
         evict_idle: std::time::Duration::from_secs(cfg.evict_idle_s),
     };
-    if lm.model.is_fused() && cfg.compute_slots == 1 {
+    if cfg.compute_slots == 1 {
         tracing::warn!(
-            "compute_slots = 1 runs one session's step at a time; on a GPU set it to the batch \
-             you want (e.g. 8) so concurrent sessions' steps share one batched forward"
+            "compute_slots = 1 runs one session's step at a time; set it to the batch you \
+             want (default 8) so concurrent sessions' steps share one batched forward"
         );
     }
     let metrics = Arc::new(MuseMetrics::default());

@@ -10,7 +10,7 @@ use crate::convert;
 use crate::dream::DreamParams;
 use crate::inbox;
 use crate::metrics::MuseMetrics;
-use crate::prefix::PrefixCache;
+use lm::PrefixCache;
 use crate::session::{DreamSession, PRIMED};
 use lm::LoadedModel;
 use mm_kit::status::status_of;

@@ -4,7 +4,7 @@
 //! a commit without a pending burst simply decodes.
 
 use crate::dream::{self, DreamParams, Frontier, Step};
-use crate::prefix::PrefixCache;
+use lm::PrefixCache;
 use crate::render::{self, Render};
 use crate::telemetry::{BurstStop, BurstSummary, CommitSummary, LatentStep, PrimeSummary};
 use lm::candle::Tensor;

@@ -3,7 +3,7 @@
 //! its last token, and entries leave least recently used first within the byte budget.
 
 use lm::{ChatMessage, GenerateOptions, LoadOptions, LoadedModel, SamplingParams};
-use muse::prefix::PrefixCache;
+use lm::PrefixCache;
 use muse::session::{CommitParams, DreamSession, Prime, PRIME_CHUNK};
 use std::sync::OnceLock;
 

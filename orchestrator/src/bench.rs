@@ -1,6 +1,6 @@
 //! `mm bench`: a turn's latency broken down (prime, bursts, commits, critique, persistence), the
-//! orchestrator's own overhead, and throughput with 1, 4 and 16 concurrent sessions on one muse
-//! replica.
+//! orchestrator's own overhead, and throughput and per-turn latency at each level of concurrent
+//! sessions (`--sessions 1,8`) on one muse replica, each session running `--turns` turns.
 
 use mm_proto::orchestrator::v1 as pb;
 use std::time::Instant;
@@ -92,49 +92,78 @@ fn mean(xs: &[Breakdown]) -> Breakdown {
     m
 }
 
+/// One session's turns, one after another (a conversation).
+async fn conversation(
+    client: crate::auth::Client,
+    id: String,
+    session: usize,
+    turns: usize,
+) -> anyhow::Result<Vec<Breakdown>> {
+    let mut out = Vec::with_capacity(turns);
+    for t in 0..turns {
+        let msg = format!("Describe wave number {session} in one line, then its echo {t}.");
+        out.push(one_turn(client.clone(), id.clone(), msg).await?);
+    }
+    Ok(out)
+}
+
+/// The `q`-quantile of turn totals (nearest rank).
+fn quantile(xs: &[Breakdown], q: f64) -> f64 {
+    let mut t: Vec<f64> = xs.iter().map(|b| b.total).collect();
+    t.sort_by(f64::total_cmp);
+    let i = ((t.len() as f64 * q).ceil() as usize).clamp(1, t.len().max(1)) - 1;
+    t.get(i).copied().unwrap_or(0.0)
+}
+
+async fn new_session(client: &mut crate::auth::Client) -> anyhow::Result<String> {
+    Ok(client
+        .create_session(pb::CreateSessionRequest {
+            roles: None,
+            policy: Some(policy()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .id)
+}
+
+/// Runs each level: `n` sessions at once, each `turns` turns long, after one warm-up turn (the
+/// first turn pays for cold caches and page faults, which no level should carry).
 pub async fn run(
     client: &mut crate::auth::Client,
     levels: &[usize],
+    turns: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
+    let warm = new_session(client).await?;
+    one_turn(client.clone(), warm, "Say hello.".into()).await?;
     for &n in levels {
         let mut ids = Vec::new();
         for _ in 0..n {
-            let s = client
-                .create_session(pb::CreateSessionRequest {
-                    roles: None,
-                    policy: Some(policy()),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            ids.push(s.id);
+            ids.push(new_session(client).await?);
         }
         let t = Instant::now();
         let tasks: Vec<_> = ids
             .into_iter()
             .enumerate()
-            .map(|(i, id)| {
-                tokio::spawn(one_turn(
-                    client.clone(),
-                    id,
-                    format!("Describe wave number {i} in one line."),
-                ))
-            })
+            .map(|(i, id)| tokio::spawn(conversation(client.clone(), id, i, turns)))
             .collect();
-        let mut turns = Vec::new();
+        let mut all = Vec::new();
         for task in tasks {
-            turns.push(task.await??);
+            all.extend(task.await??);
         }
         let wall = t.elapsed().as_secs_f64();
-        let m = mean(&turns);
+        let m = mean(&all);
         out.insert(
             format!("sessions_{n}"),
             serde_json::json!({
-                "turns": n,
+                "turns": all.len(),
                 "wall_s": wall,
-                "turns_per_min": n as f64 * 60.0 / wall,
+                "turns_per_min": all.len() as f64 * 60.0 / wall,
+                "p50_turn_ms": quantile(&all, 0.5),
+                "p90_turn_ms": quantile(&all, 0.9),
                 "mean_ms": m,
+                "critique_fraction": m.critique / m.total.max(1e-9),
                 "overhead_fraction": m.overhead / m.total.max(1e-9),
             }),
         );

@@ -51,8 +51,11 @@ enum Command {
 #[derive(Args)]
 struct BenchArgs {
     /// Concurrency levels.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     sessions: Vec<usize>,
+    /// Turns each session runs, one after another.
+    #[arg(long, default_value_t = 3)]
+    turns: usize,
     /// Print JSON (the only format; for symmetry with the other benches).
     #[arg(long)]
     json: bool,
@@ -295,8 +298,9 @@ async fn cmd_bench(a: BenchArgs) -> Result<()> {
         a.sessions.iter().all(|&n| n >= 1),
         "--sessions takes counts >= 1"
     );
+    anyhow::ensure!(a.turns >= 1, "--turns must be at least 1");
     let (mut client, _services) = connect(&a.client).await?;
-    let report = orchestrator::bench::run(&mut client, &a.sessions).await?;
+    let report = orchestrator::bench::run(&mut client, &a.sessions, a.turns).await?;
     let _ = a.json;
     println!("{report}");
     Ok(())

@@ -10,12 +10,15 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Waiting jobs `J`, finished results `O`, and whether a batch is running.
 pub(crate) struct StepQueue<J, O> {
     state: Mutex<State<J, O>>,
     batch_done: Condvar,
     max_batch: usize,
+    /// How long a leader may wait for the rest of the last batch's sequences to come back.
+    gather: Duration,
     stats: [AtomicU64; 2],
 }
 
@@ -31,6 +34,8 @@ struct State<J, O> {
     done: HashMap<u64, Result<O>>,
     running: bool,
     next_ticket: u64,
+    /// Jobs in the last batch: how many sequences are stepping together right now.
+    last_batch: usize,
 }
 
 impl<J, O> std::fmt::Debug for StepQueue<J, O> {
@@ -45,17 +50,22 @@ impl<J, O> std::fmt::Debug for StepQueue<J, O> {
 }
 
 impl<J, O> StepQueue<J, O> {
-    /// A queue whose batches hold at most `max_batch` jobs (at least one).
-    pub(crate) fn new(max_batch: usize) -> Self {
+    /// A queue whose batches hold at most `max_batch` jobs (at least one). A leader that
+    /// finds fewer jobs waiting than the last batch held waits up to `gather` for the others:
+    /// on a CPU the sequences come back from their own per-step work (sampling, the next
+    /// input) one by one, and a batch taken at the first arrival would run nearly alone.
+    pub(crate) fn new(max_batch: usize, gather: Duration) -> Self {
         Self {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 done: HashMap::new(),
                 running: false,
                 next_ticket: 0,
+                last_batch: 0,
             }),
             batch_done: Condvar::new(),
             max_batch: max_batch.max(1),
+            gather,
             stats: Default::default(),
         }
     }
@@ -80,14 +90,30 @@ impl<J, O> StepQueue<J, O> {
         let ticket = q.next_ticket;
         q.next_ticket += 1;
         q.waiting.push_back((ticket, job));
+        // A leader may be gathering.
+        self.batch_done.notify_all();
         loop {
             if let Some(result) = q.done.remove(&ticket) {
                 return result;
             }
             if !q.running {
-                let take = q.waiting.len().min(self.max_batch);
-                let (tickets, jobs): (Vec<u64>, Vec<J>) = q.waiting.drain(..take).unzip();
                 q.running = true;
+                let want = q.last_batch.min(self.max_batch);
+                let until = Instant::now() + self.gather;
+                while q.waiting.len() < want {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    q = self
+                        .batch_done
+                        .wait_timeout(q, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                let take = q.waiting.len().min(self.max_batch);
+                q.last_batch = take;
+                let (tickets, jobs): (Vec<u64>, Vec<J>) = q.waiting.drain(..take).unzip();
                 drop(q);
                 self.stats[0].fetch_add(1, Ordering::Relaxed);
                 self.stats[1].fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -124,7 +150,7 @@ mod tests {
 
     #[test]
     fn every_job_gets_its_own_result_and_waiting_jobs_share_a_batch() {
-        let q = Arc::new(StepQueue::<u32, u32>::new(8));
+        let q = Arc::new(StepQueue::<u32, u32>::new(8, Duration::from_micros(100)));
         let batches = Arc::new(AtomicUsize::new(0));
         let widest = Arc::new(AtomicUsize::new(0));
         let start = Arc::new(Barrier::new(6));
@@ -164,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_panicking_batch_fails_its_jobs_and_the_queue_goes_on() {
-        let q = StepQueue::<u32, u32>::new(4);
+        let q = StepQueue::<u32, u32>::new(4, Duration::ZERO);
         let e = q.submit(1, |_| panic!("boom")).unwrap_err().to_string();
         assert!(e.contains("panicked"), "{e}");
         assert_eq!(

@@ -165,7 +165,8 @@ impl Fused {
             cap: cap.min(cuda::ATTENTION_SCRATCH_FLOATS - c.head_dim),
             dtype,
             graphs: Mutex::new(Graphs(HashMap::new())),
-            steps: StepQueue::new(GRAPH_BATCHES),
+            // No gathering: the batch is held open while the GPU runs it (see `run_jobs`).
+            steps: StepQueue::new(GRAPH_BATCHES, std::time::Duration::ZERO),
         };
         fused.capture(GRAPH_BATCHES)?;
         Ok(Some(fused))

@@ -1,6 +1,7 @@
-//! The prefix cache: KV caches of recent prompts, shared by every session of a replica, so a
-//! prime re-uses the positions its prompt shares with an earlier one instead of evaluating
-//! them again.
+//! The prefix cache: KV caches of recent prompts, shared by every sequence of a replica, so a
+//! prompt re-uses the positions it shares with an earlier one instead of evaluating them
+//! again (the muse's primes; the majordomo's critique prompts, which share their
+//! instructions).
 //!
 //! A conversation's next turn is the previous prompt, the reply and the new message, and a
 //! retried attempt primes the very same prompt: both start with a prompt primed before. Each
@@ -11,7 +12,7 @@
 //! Entries are immutable once stored: a hit hands out the entry and the caller forks its cache
 //! outside the lock, so no lock is held across a copy or a forward.
 
-use lm::KvCache;
+use crate::cache::KvCache;
 use std::sync::{Arc, Mutex};
 
 /// A prompt and the KV cache holding exactly its positions.
