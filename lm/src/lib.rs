@@ -39,11 +39,11 @@ pub use model::{
     shape_named, Architecture, Embedding, GgufFile, Input, LoadOptions, Model, ModelConfig,
     NamedShape, StepStats, Stepped, MAX_STEP_BATCH, SHAPES,
 };
+pub use prefix::{Hit as PrefixHit, PrefixCache};
 pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,
     Sampler, SamplingParams,
 };
-pub use prefix::{Hit as PrefixHit, PrefixCache};
 pub use score::{continuation_nll, Nll};
 pub use source::{hub_cache_dir, verify, Alias, ALIASES};
 pub use stream::TextStream;

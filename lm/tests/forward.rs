@@ -178,9 +178,9 @@ fn run_session(lm: &lm::LoadedModel, s: usize, steps: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Concurrent sessions' steps run as batched forwards; each session's logits must be the
-/// same bits as when it runs alone, whatever it was batched with (ragged positions, one
-/// session rewinding mid-run).
+/// Concurrent sessions' prompts and steps run as batched forwards; each session's logits must
+/// be the same bits as when it runs alone, whatever it was batched with (ragged positions and
+/// row counts, one session rewinding mid-run).
 #[test]
 fn concurrent_steps_are_batched_and_equal_sequential_steps() {
     const SESSIONS: usize = 4;
@@ -204,7 +204,9 @@ fn concurrent_steps_are_batched_and_equal_sequential_steps() {
         });
         let after = lm.model.step_stats();
         let (batches, steps) = (after.batches - before.batches, after.steps - before.steps);
-        assert_eq!(steps, (SESSIONS * STEPS) as u64, "{alias}");
+        // Each session's prompt is one forward of several rows, then its steps (other tests
+        // in this binary may add theirs).
+        assert!(steps >= (SESSIONS * (STEPS + 1)) as u64, "{alias}: {steps}");
         assert!(
             batches < steps,
             "{alias}: {steps} concurrent steps ran in {batches} batches: none was batched"

@@ -377,8 +377,16 @@ pub fn critique_messages(r: &CritiqueRequest) -> Vec<ChatMessage> {
     let user = format!(
         "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}",
         clip(&r.request, 600),
-        if convo.is_empty() { "(none)".to_string() } else { convo.join("\n") },
-        if r.draft.trim().is_empty() { "(empty)".to_string() } else { window(&r.draft) },
+        if convo.is_empty() {
+            "(none)".to_string()
+        } else {
+            convo.join("\n")
+        },
+        if r.draft.trim().is_empty() {
+            "(empty)".to_string()
+        } else {
+            window(&r.draft)
+        },
         telemetry
     );
     // User text is encoded as the template renders it; markers inside it stay text only if

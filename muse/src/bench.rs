@@ -3,9 +3,9 @@
 use crate::ModelArgs;
 use anyhow::Result;
 use clap::Args;
+use lm::PrefixCache;
 use lm::{argmax, Input};
 use muse::dream::{DreamParams, LatentMode, TelemetryLevel};
-use lm::PrefixCache;
 use muse::session::{DreamSession, Prime};
 use std::sync::Arc;
 use std::time::Instant;
@@ -95,8 +95,14 @@ pub(crate) fn concurrent_latent_rate(
             start.wait();
             let t = Instant::now();
             for h in handles {
-                let b = h.join().map_err(|_| anyhow::anyhow!("a burst panicked"))??;
-                anyhow::ensure!(b.steps == steps, "a burst stopped early ({})", b.stop.as_str());
+                let b = h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a burst panicked"))??;
+                anyhow::ensure!(
+                    b.steps == steps,
+                    "a burst stopped early ({})",
+                    b.stop.as_str()
+                );
             }
             Ok(t.elapsed().as_secs_f64())
         })?;

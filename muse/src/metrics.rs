@@ -3,8 +3,8 @@
 //! ratio is tokens per second), prompt tokens and how many the prefix cache saved, open
 //! sessions, and its gRPC requests.
 
-use lm::PrefixCache;
 use crate::telemetry::{BurstSummary, CommitSummary, PrimeSummary};
+use lm::PrefixCache;
 use mm_kit::metrics::GrpcRequests;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::histogram::Histogram;

@@ -189,7 +189,7 @@ mod tests {
                 c.prefix_cache_mb,
                 c.compute_slots
             ),
-            ("smollm2-135m", 3, 2048, 256, 1)
+            ("smollm2-135m", 3, 2048, 256, 8)
         );
         let bad = ServeFlags {
             service: ModelServiceFlags {

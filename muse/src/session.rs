@@ -4,10 +4,10 @@
 //! a commit without a pending burst simply decodes.
 
 use crate::dream::{self, DreamParams, Frontier, Step};
-use lm::PrefixCache;
 use crate::render::{self, Render};
 use crate::telemetry::{BurstStop, BurstSummary, CommitSummary, LatentStep, PrimeSummary};
 use lm::candle::Tensor;
+use lm::PrefixCache;
 use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedModel};
 use std::collections::HashMap;
 use std::time::Instant;

@@ -2,8 +2,8 @@
 //! exactly like a cold prime of the whole prompt, a retry of the same prompt evaluates only
 //! its last token, and entries leave least recently used first within the byte budget.
 
-use lm::{ChatMessage, GenerateOptions, LoadOptions, LoadedModel, SamplingParams};
 use lm::PrefixCache;
+use lm::{ChatMessage, GenerateOptions, LoadOptions, LoadedModel, SamplingParams};
 use muse::session::{CommitParams, DreamSession, Prime, PRIME_CHUNK};
 use std::sync::OnceLock;
 

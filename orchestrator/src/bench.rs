@@ -5,12 +5,16 @@
 use mm_proto::orchestrator::v1 as pb;
 use std::time::Instant;
 
-fn policy() -> pb::DreamPolicy {
+/// The bench's turns: short, one attempt, and seeded, so that every level runs the same
+/// turns (session `i` of a level replies as session `i` of every other level) and the levels
+/// differ in concurrency only, not in what was written.
+fn policy(session: usize) -> pb::DreamPolicy {
     pb::DreamPolicy {
         bursts: Some(2),
         steps: Some(4),
         commit_tokens: Some(16),
         max_attempts: Some(1),
+        seed: Some(1 + session as u64),
         ..Default::default()
     }
 }
@@ -115,11 +119,11 @@ fn quantile(xs: &[Breakdown], q: f64) -> f64 {
     t.get(i).copied().unwrap_or(0.0)
 }
 
-async fn new_session(client: &mut crate::auth::Client) -> anyhow::Result<String> {
+async fn new_session(client: &mut crate::auth::Client, i: usize) -> anyhow::Result<String> {
     Ok(client
         .create_session(pb::CreateSessionRequest {
             roles: None,
-            policy: Some(policy()),
+            policy: Some(policy(i)),
             ..Default::default()
         })
         .await?
@@ -135,12 +139,12 @@ pub async fn run(
     turns: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
-    let warm = new_session(client).await?;
+    let warm = new_session(client, 0).await?;
     one_turn(client.clone(), warm, "Say hello.".into()).await?;
     for &n in levels {
         let mut ids = Vec::new();
-        for _ in 0..n {
-            ids.push(new_session(client).await?);
+        for i in 0..n {
+            ids.push(new_session(client, i).await?);
         }
         let t = Instant::now();
         let tasks: Vec<_> = ids

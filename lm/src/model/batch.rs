@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub(crate) struct StepQueue<J, O> {
     state: Mutex<State<J, O>>,
     batch_done: Condvar,
+    /// The most rows a batch takes (a job of more rows runs alone).
     max_batch: usize,
     /// How long a leader may wait for the rest of the last batch's sequences to come back.
     gather: Duration,
@@ -30,12 +31,29 @@ pub struct StepStats {
 }
 
 struct State<J, O> {
-    waiting: VecDeque<(u64, J)>,
+    /// Ticket, job and its rows.
+    waiting: VecDeque<(u64, J, usize)>,
     done: HashMap<u64, Result<O>>,
     running: bool,
     next_ticket: u64,
     /// Jobs in the last batch: how many sequences are stepping together right now.
     last_batch: usize,
+}
+
+impl<J, O> State<J, O> {
+    /// How many of the oldest waiting jobs fit in `max_rows` rows (at least one).
+    fn fitting(&self, max_rows: usize) -> usize {
+        let mut rows = 0;
+        let n = self
+            .waiting
+            .iter()
+            .take_while(|(_, _, r)| {
+                rows += r;
+                rows <= max_rows
+            })
+            .count();
+        n.max(1).min(self.waiting.len())
+    }
 }
 
 impl<J, O> std::fmt::Debug for StepQueue<J, O> {
@@ -50,7 +68,7 @@ impl<J, O> std::fmt::Debug for StepQueue<J, O> {
 }
 
 impl<J, O> StepQueue<J, O> {
-    /// A queue whose batches hold at most `max_batch` jobs (at least one). A leader that
+    /// A queue whose batches hold at most `max_batch` rows (at least one job). A leader that
     /// finds fewer jobs waiting than the last batch held waits up to `gather` for the others:
     /// on a CPU the sequences come back from their own per-step work (sampling, the next
     /// input) one by one, and a batch taken at the first arrival would run nearly alone.
@@ -82,14 +100,19 @@ impl<J, O> StepQueue<J, O> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job` and returns its result once a batch has run it. The caller that finds no
-    /// batch running runs the waiting jobs (first come, first served: FIFO, so no sequence
-    /// starves) with `run`, which must return one result per job, in order.
-    pub(crate) fn submit(&self, job: J, run: impl Fn(Vec<J>) -> Vec<Result<O>>) -> Result<O> {
+    /// Queues `job` (`rows` rows) and returns its result once a batch has run it. The caller
+    /// that finds no batch running runs the waiting jobs (first come, first served: FIFO, so
+    /// no sequence starves) with `run`, which must return one result per job, in order.
+    pub(crate) fn submit(
+        &self,
+        job: J,
+        rows: usize,
+        run: impl Fn(Vec<J>) -> Vec<Result<O>>,
+    ) -> Result<O> {
         let mut q = self.lock();
         let ticket = q.next_ticket;
         q.next_ticket += 1;
-        q.waiting.push_back((ticket, job));
+        q.waiting.push_back((ticket, job, rows));
         // A leader may be gathering.
         self.batch_done.notify_all();
         loop {
@@ -98,9 +121,9 @@ impl<J, O> StepQueue<J, O> {
             }
             if !q.running {
                 q.running = true;
-                let want = q.last_batch.min(self.max_batch);
+                let want = q.last_batch;
                 let until = Instant::now() + self.gather;
-                while q.waiting.len() < want {
+                while q.waiting.len() < want && q.fitting(self.max_batch) == q.waiting.len() {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
@@ -111,9 +134,10 @@ impl<J, O> StepQueue<J, O> {
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
-                let take = q.waiting.len().min(self.max_batch);
+                let take = q.fitting(self.max_batch);
                 q.last_batch = take;
-                let (tickets, jobs): (Vec<u64>, Vec<J>) = q.waiting.drain(..take).unzip();
+                let (tickets, jobs): (Vec<u64>, Vec<J>) =
+                    q.waiting.drain(..take).map(|(t, j, _)| (t, j)).unzip();
                 drop(q);
                 self.stats[0].fetch_add(1, Ordering::Relaxed);
                 self.stats[1].fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -162,7 +186,7 @@ mod tests {
                     start.wait();
                     (0..50u32)
                         .map(|k| {
-                            q.submit(i * 1000 + k, |jobs| {
+                            q.submit(i * 1000 + k, 1, |jobs| {
                                 batches.fetch_add(1, Ordering::SeqCst);
                                 widest.fetch_max(jobs.len(), Ordering::SeqCst);
                                 std::thread::sleep(std::time::Duration::from_micros(200));
@@ -191,14 +215,13 @@ mod tests {
     #[test]
     fn a_panicking_batch_fails_its_jobs_and_the_queue_goes_on() {
         let q = StepQueue::<u32, u32>::new(4, Duration::ZERO);
-        let e = q.submit(1, |_| panic!("boom")).unwrap_err().to_string();
+        let e = q.submit(1, 1, |_| panic!("boom")).unwrap_err().to_string();
         assert!(e.contains("panicked"), "{e}");
-        assert_eq!(
-            q.submit(2, |jobs| jobs.into_iter().map(Ok).collect())
-                .unwrap(),
-            2
-        );
-        let e = q.submit(3, |_| Vec::new()).unwrap_err().to_string();
+        let ok = |jobs: Vec<u32>| jobs.into_iter().map(Ok).collect();
+        assert_eq!(q.submit(2, 1, ok).unwrap(), 2);
+        // A job larger than a batch runs alone.
+        assert_eq!(q.submit(4, 9, ok).unwrap(), 4);
+        let e = q.submit(3, 1, |_| Vec::new()).unwrap_err().to_string();
         assert!(e.contains("0 results for 1 steps"), "{e}");
     }
 }

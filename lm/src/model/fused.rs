@@ -238,7 +238,7 @@ impl Fused {
     /// tokens of concurrent sessions share one forward). Returns this row's hidden state.
     pub(crate) fn step(&self, x: &Tensor, row: Row) -> Result<Tensor> {
         self.steps
-            .submit((x.clone(), row), |jobs| self.run_jobs(&jobs))
+            .submit((x.clone(), row), 1, |jobs| self.run_jobs(&jobs))
     }
 
     /// Runs waiting steps as one batch; every job gets its row, or the batch's error.

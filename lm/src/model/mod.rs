@@ -110,14 +110,15 @@ pub struct Model {
     /// The fused CUDA decode path, for dense llama/Qwen2 models on a CUDA device.
     #[cfg(feature = "cuda")]
     fused: Option<fused::Fused>,
-    /// Single-position steps of concurrent sequences, batched (everywhere but the fused path,
-    /// which batches its own).
-    steps: StepQueue<Job, Stepped>,
+    /// Forwards of concurrent sequences (steps, prompt chunks, forced tokens), batched
+    /// (everywhere but the fused path, which batches its own steps).
+    steps: StepQueue<Job, Forwarded>,
 }
 
-/// The most single-position steps one batched forward takes: past this the weights are read
-/// once per row already, and a larger batch only delays its first rows.
-pub const MAX_STEP_BATCH: usize = 16;
+/// The most rows one batched forward takes (a longer prompt runs alone): enough for a prompt
+/// chunk and the steps of the sessions beside it, few enough that a step waits for one chunk
+/// at most.
+pub const MAX_STEP_BATCH: usize = 64;
 
 /// How long a batch waits for the sequences of the last batch to come back from their own
 /// per-step work: a fraction of a step (SmolLM2-135M: ~7 ms on 2 cores), far below the cost of
@@ -147,11 +148,16 @@ struct CachePtr(*mut KvCache);
 // owner is blocked.
 unsafe impl Send for CachePtr {}
 
-/// A queued step: its input row `[1, hidden]` and its sequence's cache.
+/// A queued forward: its input rows `[n, hidden]`, its sequence's cache, and whether the
+/// caller wants the logits of its last row (a step) or the hidden states only.
 struct Job {
     x: Tensor,
     cache: CachePtr,
+    logits: bool,
 }
+
+/// A forward's hidden states `[n, hidden]`, and the last row's logits if asked for.
+type Forwarded = (Tensor, Option<Tensor>);
 
 /// One sequence's rows in a forward: the next `rows` input rows go at its cache's end.
 struct Segment<'c> {
@@ -352,7 +358,18 @@ impl Model {
             cache.advance(n);
             return Ok(h);
         }
-        self.forward_segments(x, &mut [Segment { cache, rows: n }])
+        Ok(self.submit(x, cache, false)?.0)
+    }
+
+    /// Runs `x` for `cache` in a batch with whatever other sequences submit meanwhile.
+    fn submit(&self, x: Tensor, cache: &mut KvCache, logits: bool) -> Result<Forwarded> {
+        let rows = x.dim(0)?;
+        let job = Job {
+            x,
+            cache: CachePtr(cache),
+            logits,
+        };
+        self.steps.submit(job, rows, |jobs| self.run_jobs(&jobs))
     }
 
     /// Runs `x` through the blocks for several sequences at once: the linear layers see all
@@ -371,11 +388,11 @@ impl Model {
         self.final_norm.forward(&x)
     }
 
-    /// One position of one sequence: its final hidden state and logits. Steps that other
-    /// threads submit meanwhile (concurrent sessions' latent steps, commit tokens,
-    /// constrained decoding) run as one batched forward, so `b` sessions read the weights
-    /// once per step instead of `b` times; a sequence's result does not depend on what it was
-    /// batched with. On error the cache is left as it was.
+    /// One position of one sequence: its final hidden state and logits. Steps and forwards
+    /// that other threads submit meanwhile (concurrent sessions' latent steps, commit tokens,
+    /// prompt chunks, constrained decoding) run as one batched forward, so `b` sessions read
+    /// the weights once per step instead of `b` times; a sequence's result does not depend on
+    /// what it was batched with. On error the cache is left as it was.
     pub fn step(&self, input: Input, cache: &mut KvCache) -> Result<Stepped> {
         let x = self.input_rows(input)?;
         if x.dim(0)? != 1 {
@@ -390,11 +407,10 @@ impl Model {
             let logits = self.logits(&hidden)?;
             return Ok(Stepped { hidden, logits });
         }
-        let job = Job {
-            x,
-            cache: CachePtr(cache),
-        };
-        self.steps.submit(job, |jobs| self.run_steps(&jobs))
+        let (hidden, logits) = self.submit(x, cache, true)?;
+        let logits =
+            logits.ok_or_else(|| LmError::Layout("a step came back without logits".into()))?;
+        Ok(Stepped { hidden, logits })
     }
 
     /// How many batched steps ran, and in how many batches (the CPU queue; the fused path
@@ -403,42 +419,69 @@ impl Model {
         self.steps.stats()
     }
 
-    /// Runs queued steps: room is reserved per cache (a full one fails alone), the rest go
-    /// through one forward and one output projection. Should the batch fail, each step runs
-    /// alone so that each gets its own error.
-    fn run_steps(&self, jobs: &[Job]) -> Vec<Result<Stepped>> {
+    /// Runs queued forwards: room is reserved per cache (a full one fails alone), the rest go
+    /// through one forward, and the steps' last rows through one output projection. Should
+    /// the batch fail, each job runs alone so that each gets its own error.
+    fn run_jobs(&self, jobs: &[Job]) -> Vec<Result<Forwarded>> {
         // SAFETY: `CachePtr`: each cache belongs to one waiting submitter, and `jobs` holds
         // distinct caches (a submitter has one step in flight).
         let cache = |i: usize| {
             let ptr: *mut KvCache = jobs[i].cache.0;
             unsafe { &mut *ptr }
         };
-        let mut results: Vec<Option<Result<Stepped>>> = (0..jobs.len()).map(|_| None).collect();
+        let rows = |i: usize| jobs[i].x.dim(0).unwrap_or(0);
+        let mut results: Vec<Option<Result<Forwarded>>> = (0..jobs.len()).map(|_| None).collect();
         let mut ready = Vec::with_capacity(jobs.len());
         for (i, r) in results.iter_mut().enumerate() {
-            match cache(i).reserve(1) {
+            match cache(i).reserve(rows(i)) {
                 Ok(()) => ready.push(i),
                 Err(e) => *r = Some(Err(e)),
             }
         }
-        let batch = |idx: &[usize]| -> Result<Vec<Result<Stepped>>> {
+        let batch = |idx: &[usize]| -> Result<Vec<Result<Forwarded>>> {
             let xs: Vec<&Tensor> = idx.iter().map(|&i| &jobs[i].x).collect();
             let mut segs: Vec<Segment> = idx
                 .iter()
                 .map(|&i| Segment {
                     cache: cache(i),
-                    rows: 1,
+                    rows: rows(i),
                 })
                 .collect();
             let hidden = self.forward_segments(Tensor::cat(&xs, 0)?, &mut segs)?;
-            let logits = self.output.forward(&hidden)?.to_dtype(DType::F32)?;
-            Ok((0..idx.len())
-                .map(|r| {
-                    let hidden = hidden.narrow(0, r, 1)?;
-                    let logits = logits.narrow(0, r, 1)?;
-                    check_finite(&hidden)?;
-                    check_finite(&logits)?;
-                    Ok(Stepped { hidden, logits })
+            // Each job's rows, and the steps' last rows in one output projection.
+            let mut starts = Vec::with_capacity(idx.len());
+            let mut last_rows = Vec::new();
+            let mut start = 0;
+            for &i in idx {
+                starts.push(start);
+                start += rows(i);
+                if jobs[i].logits {
+                    last_rows.push(hidden.narrow(0, start - 1, 1)?);
+                }
+            }
+            let logits = if last_rows.is_empty() {
+                None
+            } else {
+                let l = self.output.forward(&Tensor::cat(&last_rows, 0)?)?;
+                Some(l.to_dtype(DType::F32)?)
+            };
+            let mut k = 0;
+            Ok(idx
+                .iter()
+                .zip(starts)
+                .map(|(&i, start)| {
+                    let h = hidden.narrow(0, start, rows(i))?;
+                    if !jobs[i].logits {
+                        return Ok((h, None));
+                    }
+                    let l = logits
+                        .as_ref()
+                        .expect("steps have logits")
+                        .narrow(0, k, 1)?;
+                    k += 1;
+                    check_finite(&h.narrow(0, rows(i) - 1, 1)?)?;
+                    check_finite(&l)?;
+                    Ok((h, Some(l)))
                 })
                 .collect())
         };
