@@ -194,3 +194,38 @@ fn oversized_and_empty_requests_are_rejected_naming_the_field() {
     let e = md.critique(&none, |_| {}).unwrap_err().to_string();
     assert!(e.contains("request is empty"), "{e}");
 }
+
+/// Every critique prompt starts with the same instructions (the system message): the second
+/// critique takes their KV from the prefix cache and evaluates only what follows, and says so.
+#[test]
+fn critiques_share_their_instructions_through_the_prefix_cache() {
+    let lm = Arc::new(LoadedModel::load("smollm2-135m", &LoadOptions::default()).unwrap());
+    let md = Majordomo::new(lm.clone()).unwrap();
+    let ask = |request: &str, draft: &str| {
+        let req = CritiqueRequest {
+            request: request.into(),
+            draft: draft.into(),
+            ..Default::default()
+        };
+        md.critique(&req, |_| {}).unwrap().decode
+    };
+    let first = ask("Write a line about rain.", "Rain taps the roof all night.");
+    assert_eq!(first.cached_prompt_tokens, 0);
+    assert!(first.prompt_tokens > 0);
+    let second = ask(
+        "Describe a harbour at dawn.",
+        "Boats wake slowly in the grey light.",
+    );
+    // The instructions alone, as the template renders a system message.
+    let system = lm
+        .chat_prompt(&majordomo::review::critique_messages(&CritiqueRequest::default())[..1])
+        .unwrap();
+    assert!(
+        second.cached_prompt_tokens >= system.len() - 2
+            && second.cached_prompt_tokens < second.prompt_tokens,
+        "{} of {} prompt tokens cached; the instructions are {}",
+        second.cached_prompt_tokens,
+        second.prompt_tokens,
+        system.len()
+    );
+}
