@@ -458,9 +458,9 @@ fn a_rows_product_has_the_same_bits_at_every_batch_size() {
             QType::Q4K | QType::Q6K => random_k_weight(dtype, rows, cols, &mut rng).0,
             _ => QWeight::from_f32(dtype, rows, cols, &rng.vec(rows * cols)).unwrap(),
         };
-        let xs = rng.vec(9 * cols);
-        let mut alone = vec![0f32; 9 * rows];
-        for c in 0..9 {
+        let xs = rng.vec(70 * cols);
+        let mut alone = vec![0f32; 70 * rows];
+        for c in 0..70 {
             w.matmul(
                 &pool,
                 &xs[c * cols..(c + 1) * cols],
@@ -468,7 +468,7 @@ fn a_rows_product_has_the_same_bits_at_every_batch_size() {
                 &mut alone[c * rows..(c + 1) * rows],
             );
         }
-        for m in [2, 4, 5, 8, 9] {
+        for m in [2, 4, 5, 8, 9, 13, 57, 70] {
             let mut out = vec![0f32; m * rows];
             w.matmul(&pool, &xs[..m * cols], m, &mut out);
             for (i, (a, b)) in out.iter().zip(&alone).enumerate() {

@@ -44,8 +44,8 @@ pub fn load(
 ) -> Result<LoadedModel> {
     if let Some(n) = threads {
         anyhow::ensure!(n >= 1, "threads must be at least 1");
-        lm::set_cpu_threads(n);
     }
+    lm::set_cpu_threads(threads.unwrap_or_else(lm::cpu_threads));
     let device = lm::open_device(device).with_context(|| format!("device `{device}`"))?;
     let opts = LoadOptions {
         max_context,
