@@ -2,6 +2,16 @@ use super::blocks::*;
 use super::*;
 use half::f16;
 
+/// Every format the kernels run.
+const ALL_TYPES: [QType; 6] = [
+    QType::Q4_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q8_0,
+    QType::Q4K,
+    QType::Q6K,
+];
+
 /// xorshift64* — no dependency needed.
 struct Rng(u64);
 impl Rng {
@@ -121,14 +131,7 @@ fn block_sizes_match_ggml() {
     assert_eq!(std::mem::size_of::<BlockQ4K>(), 144);
     assert_eq!(std::mem::size_of::<BlockQ6K>(), 210);
     assert_eq!(std::mem::size_of::<BlockQ8K>(), 292);
-    for t in [
-        QType::Q4_0,
-        QType::Q4_1,
-        QType::Q5_0,
-        QType::Q8_0,
-        QType::Q4K,
-        QType::Q6K,
-    ] {
+    for t in ALL_TYPES {
         assert_eq!(QType::from_ggml_id(t as u32), Some(t));
         assert_eq!(t.block_size(), t.act_kind().block_size());
     }
@@ -444,14 +447,7 @@ fn matmul_small_batches() {
 #[test]
 fn a_rows_product_has_the_same_bits_at_every_batch_size() {
     let pool = KernelPool::new(2);
-    for dtype in [
-        QType::Q4_0,
-        QType::Q4_1,
-        QType::Q5_0,
-        QType::Q8_0,
-        QType::Q4K,
-        QType::Q6K,
-    ] {
+    for dtype in ALL_TYPES {
         let mut rng = Rng::new(40);
         let (rows, cols) = (37, 512);
         let w = match dtype {

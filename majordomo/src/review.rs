@@ -294,7 +294,8 @@ impl Majordomo {
         let mut matcher = self.constrainer.matcher(schema)?;
         // The longest prefix an earlier prompt shares (at least the instructions), less the
         // last token, whose row gives the first logits.
-        let (mut cache, cached) = match self.prefixes.lookup(prompt) {
+        let hit = self.prefixes.lookup(prompt);
+        let (mut cache, cached) = match &hit {
             Some(hit) => {
                 let n = hit.shared.min(prompt.len() - 1);
                 (hit.entry.cache().fork_prefix(n)?, n)
@@ -306,8 +307,11 @@ impl Majordomo {
             .model
             .forward(Input::Tokens(&prompt[cached..]), &mut cache)?;
         let logits = self.lm.model.last_logits(&h)?;
-        self.prefixes
-            .insert(prompt.to_vec(), cache.fork_prefix(prompt.len())?);
+        // A prompt already stored whole (the same critique asked again) is not copied again.
+        if !hit.is_some_and(|h| h.is_exact(prompt)) {
+            self.prefixes
+                .insert(prompt.to_vec(), cache.fork_prefix(prompt.len())?);
+        }
         let budget = max_bytes.min(self.lm.model.max_context() - prompt.len());
         let (text, mut stats) = constrained::decode(
             &self.lm,

@@ -1,9 +1,10 @@
 //! Continuous batching at step granularity: concurrent sequences (sessions on their own
-//! threads) hand their single-position steps to one queue, and whoever finds no batch running
-//! takes every waiting step, oldest first, and runs them as one forward. A step costs about
-//! as much as its weight reads, so a batch of `b` rows reads the weights once instead of `b`
-//! times; the others wait for their row meanwhile (leader and followers, no extra thread).
-//! The GPU's fused path and the CPU path share this queue; only the batched work differs.
+//! threads) hand their forwards (single-position steps; on the CPU prompt chunks too) to one
+//! queue, and whoever finds no batch running takes the waiting jobs, oldest first, and runs
+//! them as one forward. A step costs about as much as its weight reads, so a batch of `b`
+//! rows reads the weights once instead of `b` times; the others wait for their rows meanwhile
+//! (leader and followers, no extra thread). The GPU's fused path and the CPU path share this
+//! queue; only the batched work differs.
 
 use crate::error::{LmError, Result};
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +24,8 @@ pub(crate) struct StepQueue<J, O> {
     stats: [AtomicU64; 2],
 }
 
-/// Batches run and steps they held since load: their ratio is the mean batch size.
+/// Batches run and the jobs (forwards) they held since load: their ratio is the mean batch
+/// size in jobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepStats {
     pub batches: u64,

@@ -413,8 +413,8 @@ impl Model {
         Ok(Stepped { hidden, logits })
     }
 
-    /// How many batched steps ran, and in how many batches (the CPU queue; the fused path
-    /// batches on its own).
+    /// How many forwards ran through the batch queue, and in how many batches (the CPU queue;
+    /// the fused path batches on its own).
     pub fn step_stats(&self) -> StepStats {
         self.steps.stats()
     }
