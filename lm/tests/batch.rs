@@ -64,3 +64,34 @@ fn random_models_dream_with_a_synthetic_tokenizer() {
     let e = shape_named("qwen9").unwrap_err().to_string();
     assert!(e.contains("qwen2.5-1.5b"), "{e}");
 }
+
+/// A step is one position: more is refused, saying what to use instead; a step on a full
+/// cache fails with the context overflow and leaves the cache as it was.
+#[test]
+fn a_step_of_several_positions_or_past_the_context_is_refused() {
+    let m = Model::random(
+        shape_named("tiny").unwrap(),
+        0,
+        &LoadOptions {
+            max_context: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut c = m.new_cache();
+    let e = m
+        .step(Input::Tokens(&[1, 2]), &mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a step feeds one position, got 2; use forward"),
+        "{e}"
+    );
+    assert_eq!(c.len(), 0);
+    m.forward(Input::Tokens(&[1, 2, 3, 4]), &mut c).unwrap();
+    let e = m.step(Input::Tokens(&[5]), &mut c).unwrap_err().to_string();
+    assert!(e.contains("context overflow"), "{e}");
+    assert_eq!(c.len(), 4);
+    let out = m.step(Input::Tokens(&[5]), &mut m.new_cache()).unwrap();
+    assert_eq!(out.logits.dims(), &[1, m.config().vocab]);
+}

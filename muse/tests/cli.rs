@@ -168,6 +168,12 @@ fn a_cuda_device_in_a_cpu_build_or_a_bad_device_is_named() {
         stderr.contains("--shape") && stderr.contains("qwen2.5-1.5b"),
         "{stderr}"
     );
+    let (ok, _, stderr) = muse(&["bench", "--sessions", "1,0"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--sessions takes counts from 1 to 64"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = muse(&["bench", "--reference", "ref.json"]);
     assert!(!ok);
     assert!(

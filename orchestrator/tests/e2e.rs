@@ -1146,3 +1146,20 @@ async fn bearer_tokens_are_tenants_that_see_only_their_own_sessions() {
     );
     assert_eq!(status(&get(&format!("{http}/metrics")).await), "200");
 }
+
+/// `mm bench` with a level or a turn count of zero is refused before any service starts.
+#[test]
+fn bench_refuses_zero_sessions_or_turns_naming_the_flag() {
+    for (args, want) in [
+        (
+            ["bench", "--sessions", "1,0"],
+            "--sessions takes counts >= 1",
+        ),
+        (["bench", "--turns", "0"], "--turns must be at least 1"),
+    ] {
+        let out = Command::new(bin("mm")).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
