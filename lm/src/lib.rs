@@ -44,7 +44,7 @@ pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,
     Sampler, SamplingParams,
 };
-pub use score::{continuation_nll, Nll};
+pub use score::{continuation_nll, rows_nll, Nll};
 pub use source::{hub_cache_dir, verify, Alias, ALIASES};
 pub use stream::TextStream;
 pub use threads::{cpu_threads, set_cpu_threads};

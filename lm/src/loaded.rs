@@ -4,7 +4,8 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{LmError, Result};
 use crate::model::{GgufFile, LoadOptions, Model};
 use crate::source::{self, ModelSpec};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{ByteRanges, Tokenizer};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub struct LoadedModel {
@@ -100,14 +101,39 @@ impl LoadedModel {
         self.encode_rendered(&text)
     }
 
+    /// [`Self::chat_prompt`], and where in it the last occurrence of `part` that is followed by
+    /// `then` lies: the range of the tokens that lie wholly inside `part` as rendered (none
+    /// when the template does not render it verbatim, or no token lies inside).
+    pub fn chat_prompt_locating(
+        &self,
+        messages: &[ChatMessage],
+        part: &str,
+        then: &str,
+    ) -> Result<(Vec<u32>, Option<Range<usize>>)> {
+        let text = self.chat.render(messages, true)?;
+        let (ids, offsets) = self.encode_rendered_with_offsets(&text)?;
+        let span = text.rfind(&format!("{part}{then}")).and_then(|start| {
+            let end = start + part.len();
+            let inside = |&(a, b): &(usize, usize)| a >= start && b <= end && b > a;
+            let first = offsets.iter().position(inside)?;
+            let len = offsets[first..].iter().take_while(|o| inside(o)).count();
+            Some(first..first + len)
+        });
+        Ok((ids, span))
+    }
+
     /// Encodes template output: special tokens parsed, BOS added unless the text starts with it.
     pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_rendered_with_offsets(text)?.0)
+    }
+
+    fn encode_rendered_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
         let bos_text = self
             .tokenizer
             .bos()
             .and_then(|b| self.tokenizer.token_piece(b));
         let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
-        self.tokenizer.encode_with(text, true, !has_bos)
+        self.tokenizer.encode_with_offsets(text, true, !has_bos)
     }
 
     /// Token ids of a raw completion prompt (special-token text is parsed; BOS per the model).

@@ -5,6 +5,7 @@
 use crate::error::{LmError, Result};
 use crate::loaded::LoadedModel;
 use crate::model::Input;
+use candle_core::Tensor;
 
 /// Rows of logits materialised at once (a 262k vocabulary is 1 MiB a row).
 const CHUNK: usize = 32;
@@ -29,18 +30,35 @@ pub fn continuation_nll(lm: &LoadedModel, context: &[u32], continuation: &[u32])
     let mut cache = lm.model.new_cache();
     let hidden = lm.model.forward(Input::Tokens(&ids), &mut cache)?;
     // Row r predicts ids[r + 1]; the continuation starts at row context.len() - 1.
-    let first = context.len() - 1;
+    rows_nll(
+        lm,
+        &hidden.narrow(0, context.len() - 1, continuation.len())?,
+        continuation,
+    )
+}
+
+/// The NLL of `targets`, each predicted by the same row of `hidden` (final hidden states, the
+/// rows of the positions just before the targets): a continuation scored inside a forward
+/// that was run for something else.
+pub fn rows_nll(lm: &LoadedModel, hidden: &Tensor, targets: &[u32]) -> Result<Nll> {
+    if targets.is_empty() || hidden.dim(0)? != targets.len() {
+        return Err(LmError::InvalidInput(format!(
+            "scoring needs one hidden row per target, got {} rows for {} targets",
+            hidden.dim(0)?,
+            targets.len()
+        )));
+    }
     let mut total = 0f64;
-    for start in (first..ids.len() - 1).step_by(CHUNK) {
-        let len = CHUNK.min(ids.len() - 1 - start);
+    for start in (0..targets.len()).step_by(CHUNK) {
+        let len = CHUNK.min(targets.len() - start);
         let rows: Vec<Vec<f32>> = lm.model.logits(&hidden.narrow(0, start, len)?)?.to_vec2()?;
         for (r, row) in rows.iter().enumerate() {
-            total += neg_log_prob(row, ids[start + r + 1]);
+            total += neg_log_prob(row, targets[start + r]);
         }
     }
     Ok(Nll {
-        mean: (total / continuation.len() as f64) as f32,
-        tokens: continuation.len(),
+        mean: (total / targets.len() as f64) as f32,
+        tokens: targets.len(),
     })
 }
 

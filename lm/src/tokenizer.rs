@@ -103,6 +103,9 @@ fn tok_err(e: impl std::fmt::Display) -> LmError {
     LmError::Tokenizer(e.to_string())
 }
 
+/// Each token's `(start, end)` byte range in the encoded text.
+pub type ByteRanges = Vec<(usize, usize)>;
+
 impl Tokenizer {
     /// From a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
@@ -286,13 +289,24 @@ impl Tokenizer {
 
     /// Like [`encode`](Self::encode), choosing whether BOS may be added.
     pub fn encode_with(&self, text: &str, parse_special: bool, add_bos: bool) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, parse_special, add_bos)?.0)
+    }
+
+    /// Like [`encode_with`](Self::encode_with), with each token's byte range in `text`
+    /// (empty for added tokens such as BOS).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        parse_special: bool,
+        add_bos: bool,
+    ) -> Result<(Vec<u32>, ByteRanges)> {
         let tk = if parse_special {
             &self.special
         } else {
             &self.plain
         };
         let enc = tk.encode(text, add_bos && self.add_bos).map_err(tok_err)?;
-        Ok(enc.get_ids().to_vec())
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Decodes ids to text; special tokens are kept as their text unless `skip_special`.

@@ -32,7 +32,9 @@ pub fn run(md: &Majordomo, repeats: usize) -> lm::Result<serde_json::Value> {
         draft: "The sea is wide and grey tonight; the gulls have gone to bed. A lantern swings on the last boat in.".into(),
         ..Default::default()
     };
-    let prompt = md.critique_prompt(&req);
+    let (prompt, _) = md
+        .critique_prompt(&req)
+        .map_err(|e| lm::LmError::InvalidInput(e.to_string()))?;
     let schema = critique::model_schema();
     let best = |f: &mut dyn FnMut() -> lm::Result<(usize, f64, f64)>| -> lm::Result<(Rate, f64)> {
         let mut out = (rate(0, f64::MAX), 0.0);

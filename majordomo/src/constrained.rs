@@ -134,6 +134,22 @@ pub fn decode(
         .tok_env()
         .map(|e| e.tok_trie().eos_token())
         .map_err(|e| MajordomoError::Grammar(e.to_string()))?;
+    if fast_forward {
+        // What the grammar forces before any choice (`{"verdict":"`): one forward for all of it.
+        let forced: Vec<u32> = matcher
+            .consume_ff_tokens()
+            .into_iter()
+            .filter(|&t| t != eos)
+            .take(max_tokens)
+            .collect();
+        if !forced.is_empty() {
+            stats.forced += forced.len();
+            tokens.extend(&forced);
+            emit(&forced, &mut stream)?;
+            logits = feed(lm, cache, &forced)?;
+            stats.forwards += 1;
+        }
+    }
     while tokens.len() < max_tokens && !matcher.is_stopped() {
         let t = Instant::now();
         let mask = matcher
@@ -173,19 +189,7 @@ pub fn decode(
         stats.forced += batch.len() - 1;
         tokens.extend(&batch);
         emit(&batch, &mut stream)?;
-        if cache.len() + batch.len() > cache.max_len() {
-            return Err(MajordomoError::Lm(lm::LmError::ContextOverflow {
-                needed: cache.len() + batch.len(),
-                limit: cache.max_len(),
-            }));
-        }
-        logits = if let [id] = batch[..] {
-            // One position batches with concurrent critiques' steps.
-            lm.model.step(Input::Tokens(&[id]), cache)?.host_logits()?
-        } else {
-            lm.model
-                .last_logits(&lm.model.forward(Input::Tokens(&batch), cache)?)?
-        };
+        logits = feed(lm, cache, &batch)?;
         stats.forwards += 1;
     }
     let rest = stream.finish();
@@ -196,4 +200,21 @@ pub fn decode(
     stats.total_time = started.elapsed();
     let text = lm.tokenizer.decode(&tokens, true)?;
     Ok((text, stats))
+}
+
+/// Feeds `batch` (chosen tokens) into `cache`; returns the logits after its last.
+fn feed(lm: &LoadedModel, cache: &mut KvCache, batch: &[u32]) -> Result<Vec<f32>> {
+    if cache.len() + batch.len() > cache.max_len() {
+        return Err(MajordomoError::Lm(lm::LmError::ContextOverflow {
+            needed: cache.len() + batch.len(),
+            limit: cache.max_len(),
+        }));
+    }
+    Ok(if let [id] = batch[..] {
+        // One position batches with concurrent critiques' steps.
+        lm.model.step(Input::Tokens(&[id]), cache)?.host_logits()?
+    } else {
+        lm.model
+            .last_logits(&lm.model.forward(Input::Tokens(batch), cache)?)?
+    })
 }

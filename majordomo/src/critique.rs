@@ -99,7 +99,10 @@ pub struct Advice {
     pub steps: StepsAdvice,
 }
 
-/// A critique of one draft. Field order is the schema's (and the JSON's).
+/// A critique of one draft: a judgment, not a summary (the structure job writes those). Field
+/// order is the schema's (and the JSON's). Every free-text token is sampled one forward at a
+/// time, so the critique holds only what the pipeline acts on: a summary and key points here
+/// tripled the sampled tokens, and a small critic filled them by copying the draft.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Critique {
@@ -107,8 +110,6 @@ pub struct Critique {
     pub coherence: u8,
     pub novelty: u8,
     pub issues: Vec<Issue>,
-    pub summary: String,
-    pub points: Vec<String>,
     pub advice: Advice,
 }
 
@@ -118,7 +119,6 @@ pub const SUMMARY_MAX: usize = 120;
 pub const DETAIL_MAX: usize = 80;
 pub const POINT_MAX: usize = 60;
 pub const MODEL_ISSUES_MAX: usize = 3;
-pub const POINTS_MAX: usize = 3;
 
 /// The JSON schema constrained decoding enforces on the model's output.
 pub fn model_schema() -> serde_json::Value {
@@ -141,8 +141,6 @@ pub fn model_schema() -> serde_json::Value {
                     "required": ["kind", "detail"], "additionalProperties": false
                 }
             },
-            "summary": { "type": "string", "maxLength": SUMMARY_MAX },
-            "points": { "type": "array", "maxItems": POINTS_MAX, "items": { "type": "string", "maxLength": POINT_MAX } },
             "advice": {
                 "type": "object",
                 "properties": {
@@ -152,7 +150,7 @@ pub fn model_schema() -> serde_json::Value {
                 "required": ["noise", "steps"], "additionalProperties": false
             }
         },
-        "required": ["verdict", "coherence", "novelty", "issues", "summary", "points", "advice"],
+        "required": ["verdict", "coherence", "novelty", "issues", "advice"],
         "additionalProperties": false
     })
 }
@@ -160,8 +158,7 @@ pub fn model_schema() -> serde_json::Value {
 /// Most bytes a schema-valid model output can take (strings may escape to 6 bytes a char).
 pub fn model_output_max_bytes() -> usize {
     let skeleton = 200; // keys, punctuation, enums, numbers
-    skeleton
-        + 6 * (SUMMARY_MAX + MODEL_ISSUES_MAX * (DETAIL_MAX + 40) + POINTS_MAX * (POINT_MAX + 4))
+    skeleton + 6 * MODEL_ISSUES_MAX * (DETAIL_MAX + 40)
 }
 
 impl Critique {
@@ -235,7 +232,7 @@ mod tests {
 
     #[test]
     fn parses_valid_and_rejects_invalid() {
-        let ok = r#"{"verdict":"revise","coherence":7,"novelty":3,"issues":[{"kind":"repetition","detail":"loops"}],"summary":"s","points":["a"],"advice":{"noise":"lower","steps":"keep"}}"#;
+        let ok = r#"{"verdict":"revise","coherence":7,"novelty":3,"issues":[{"kind":"repetition","detail":"loops"}],"advice":{"noise":"lower","steps":"keep"}}"#;
         let c = Critique::parse(ok).unwrap();
         assert_eq!(c.verdict, Verdict::Revise);
         assert_eq!(

@@ -90,12 +90,8 @@ fn run_critique(a: CritiqueArgs) -> Result<()> {
             "verdict: {:?}  coherence {}/10  novelty {}/10",
             c.verdict, c.coherence, c.novelty
         );
-        println!("summary: {}", c.summary);
         for i in &c.issues {
             println!("issue [{}]: {}", i.kind.as_str(), i.detail);
-        }
-        for p in &c.points {
-            println!("point: {p}");
         }
         println!(
             "advice: noise {:?}, steps {:?}",

@@ -410,7 +410,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    const VALID: &str = r#"{"verdict":"accept","coherence":8,"novelty":5,"issues":[],"summary":"Fine.","points":["sea"],"advice":{"noise":"keep","steps":"keep"}}"#;
+    const VALID: &str = r#"{"verdict":"accept","coherence":8,"novelty":5,"issues":[],"advice":{"noise":"keep","steps":"keep"}}"#;
 
     fn completion(content: &str) -> String {
         json!({

@@ -7,7 +7,7 @@ use crate::critique::{self, Critique, IssueKind, NoiseAdvice, Structure, Verdict
 use crate::error::{MajordomoError, Result};
 use lm::Input;
 use lm::{ChatMessage, LoadedModel};
-use mm_kit::text::clip;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// What the muse reported about the dream that made a draft, as the orchestrator summarises it.
@@ -25,12 +25,30 @@ impl TelemetrySummary {
         if self.bursts == 0 {
             return "none".into();
         }
+        // Each reason once, with its count: the critic reads every token of this line.
+        let mut stops: Vec<(&str, usize)> = Vec::new();
+        for r in &self.stop_reasons {
+            match stops.iter_mut().find(|(s, _)| s == r) {
+                Some((_, n)) => *n += 1,
+                None => stops.push((r, 1)),
+            }
+        }
+        let stops: Vec<String> = stops
+            .iter()
+            .map(|(s, n)| {
+                if *n == 1 {
+                    s.to_string()
+                } else {
+                    format!("{s} x{n}")
+                }
+            })
+            .collect();
         format!(
             "{} bursts, {} latent steps, mean entropy {:.2} nats, stops: {}",
             self.bursts,
             self.latent_steps,
             self.mean_entropy,
-            self.stop_reasons.join(", ")
+            stops.join(", ")
         )
     }
 }
@@ -55,8 +73,10 @@ pub struct CritiqueOutcome {
     pub findings: Vec<IssueKind>,
     pub stats: DraftStats,
     pub decode: DecodeStats,
-    /// The draft's fluency under this model, given the request; none for an empty draft, and
-    /// none from a remote critic (a chat-completions server cannot score our text).
+    /// The draft's fluency under this model: its mean per-token NLL where the critique prompt
+    /// gives it as the writer's reply to the conversation. Scored in the prompt's own forward,
+    /// so it costs no pass of its own. None for an empty draft, and none from a remote critic
+    /// (a chat-completions server cannot score our text).
     pub nll: Option<lm::Nll>,
 }
 
@@ -151,11 +171,16 @@ impl RequestLimits {
     }
 }
 
-/// How much of a draft and of the conversation the model reads (the checks read all of it).
+/// How much of a draft, and of each message of the conversation, the model reads (the checks
+/// read all of the draft).
 const DRAFT_HEAD_CHARS: usize = 1200;
 const DRAFT_TAIL_CHARS: usize = 400;
-const TURN_CHARS: usize = 300;
-const WINDOW_TURNS: usize = 4;
+/// The conversation the model reads: its latest messages within this many characters (as
+/// windowed). The orchestrator sends the window its muse was primed with (3,000 characters by
+/// default), so this bound only cuts conversations from other clients.
+const CONVERSATION_CHARS: usize = 6000;
+/// What follows the draft in a critique prompt; the draft is located by it for scoring.
+const AFTER_DRAFT: &str = "\n\nDream telemetry: ";
 
 const SYSTEM: &str =
     "You are the majordomo: a strict, sober editor. You judge drafts written by a \
@@ -164,17 +189,18 @@ creative writer for a user's request. Reply with JSON only.";
 /// What a critique asks for. It sits in the system message, before anything that changes from
 /// one critique to the next, so every critique prompt starts with the same tokens and the
 /// prefix cache serves them.
-const CRITIQUE_TASK: &str = "Critique the draft: verdict (accept, revise or reject), coherence \
-and novelty from 0 to 10, issues, a one-sentence summary, its key points, and advice for the \
-next dream (noise lower, keep or raise; steps fewer, keep or more).";
+const CRITIQUE_TASK: &str = "Critique the writer's last reply, the draft: verdict (accept, revise \
+or reject), coherence and novelty from 0 to 10, issues, and advice for the next dream (noise \
+lower, keep or raise; steps fewer, keep or more).";
 
 /// What structuring asks for (in the system message, as above).
 const STRUCTURE_TASK: &str =
     "Give the draft a short title, its key points, and a one-sentence summary.";
 
-/// KV of recent prompts kept for later ones that start the same way (the instructions): a
-/// handful of prompts for the default models.
-const PREFIX_CACHE_BYTES: usize = 64 << 20;
+/// KV of recent prompts kept for later ones that start the same way: the instructions, and a
+/// session's conversation (a critique prompt ends with the draft, which is the conversation's
+/// next reply). A few dozen sessions' prompts for the default models.
+const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
 pub struct Majordomo {
     lm: Arc<LoadedModel>,
@@ -218,10 +244,11 @@ impl Majordomo {
     ) -> Result<CritiqueOutcome> {
         self.validate(r)?;
         let (stats, findings) = checks::check(&r.request, &r.draft, self.lengths);
-        let prompt = self.critique_prompt(r);
+        let (prompt, draft) = self.critique_prompt(r)?;
         let schema = critique::model_schema();
-        let (model_json, decode) = self.run(
+        let (model_json, decode, nll) = self.run(
             &prompt,
+            draft,
             &schema,
             critique::model_output_max_bytes(),
             on_text,
@@ -231,23 +258,7 @@ impl Majordomo {
                 "constrained output did not parse ({e}): {model_json}"
             ))
         })?;
-        let nll = self.fluency(&r.request, &r.draft)?;
         CritiqueOutcome::merged(model, model_json, stats, &findings, decode, nll)
-    }
-
-    /// The mean per-token NLL of `draft` as this model's reply to `request`: one prompt pass,
-    /// a sober signal that holds when a small critic's JSON opinion does not.
-    pub fn fluency(&self, request: &str, draft: &str) -> Result<Option<lm::Nll>> {
-        let draft = draft.trim();
-        if draft.is_empty() {
-            return Ok(None);
-        }
-        let context = self.lm.chat_prompt(&[ChatMessage::user(defuse(request))])?;
-        let reply = self.lm.tokenizer.encode_with(draft, false, false)?;
-        if reply.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(lm::continuation_nll(&self.lm, &context, &reply)?))
     }
 
     /// A draft's structure: title, points, summary.
@@ -258,8 +269,9 @@ impl Majordomo {
     ) -> Result<(Structure, DecodeStats)> {
         self.limits.check_structure(draft)?;
         let prompt = self.lm.chat_prompt(&structure_messages(draft))?;
-        let (json, decode) = self.run(
+        let (json, decode, _) = self.run(
             &prompt,
+            None,
             &critique::structure_schema(),
             critique::structure_output_max_bytes(),
             on_text,
@@ -270,20 +282,30 @@ impl Majordomo {
         Ok((s, decode))
     }
 
-    /// The token ids the model reads for a critique.
-    pub fn critique_prompt(&self, r: &CritiqueRequest) -> Vec<u32> {
-        self.lm
-            .chat_prompt(&critique_messages(r))
-            .unwrap_or_default()
+    /// The token ids the model reads for a critique, and the range of the draft's tokens in
+    /// them (none for an empty draft).
+    pub fn critique_prompt(&self, r: &CritiqueRequest) -> Result<(Vec<u32>, Option<Range<usize>>)> {
+        let messages = critique_messages(r);
+        if r.draft.trim().is_empty() {
+            return Ok((self.lm.chat_prompt(&messages)?, None));
+        }
+        let (prompt, span) =
+            self.lm
+                .chat_prompt_locating(&messages, &draft_as_read(&r.draft), AFTER_DRAFT)?;
+        // The first draft token is predicted by the row before it.
+        Ok((prompt, span.filter(|s| s.start > 0)))
     }
 
+    /// Decodes the schema's JSON after `prompt`; with `score`, also the NLL of the prompt's
+    /// tokens in that range, from the rows of the prompt's forward.
     fn run(
         &self,
         prompt: &[u32],
+        score: Option<Range<usize>>,
         schema: &serde_json::Value,
         max_bytes: usize,
         on_text: impl FnMut(&str),
-    ) -> Result<(String, DecodeStats)> {
+    ) -> Result<(String, DecodeStats, Option<lm::Nll>)> {
         if prompt.is_empty() {
             return Err(MajordomoError::InvalidRequest(
                 "the prompt could not be rendered".into(),
@@ -293,11 +315,13 @@ impl Majordomo {
             .check_fits(prompt.len() + max_bytes.min(self.lm.model.max_context() / 2))?;
         let mut matcher = self.constrainer.matcher(schema)?;
         // The longest prefix an earlier prompt shares (at least the instructions), less the
-        // last token, whose row gives the first logits.
+        // last token, whose row gives the first logits, and less the scored tokens, whose
+        // rows give their NLL.
         let hit = self.prefixes.lookup(prompt);
+        let keep = score.as_ref().map_or(prompt.len(), |s| s.start) - 1;
         let (mut cache, cached) = match &hit {
             Some(hit) => {
-                let n = hit.shared.min(prompt.len() - 1);
+                let n = hit.shared.min(keep);
                 (hit.entry.cache().fork_prefix(n)?, n)
             }
             None => (self.lm.model.new_cache(), 0),
@@ -307,6 +331,15 @@ impl Majordomo {
             .model
             .forward(Input::Tokens(&prompt[cached..]), &mut cache)?;
         let logits = self.lm.model.last_logits(&h)?;
+        let nll = match score {
+            Some(s) => Some(lm::rows_nll(
+                &self.lm,
+                &h.narrow(0, s.start - 1 - cached, s.len())
+                    .map_err(lm::LmError::from)?,
+                &prompt[s],
+            )?),
+            None => None,
+        };
         // A prompt already stored whole (the same critique asked again) is not copied again.
         if !hit.is_some_and(|h| h.is_exact(prompt)) {
             self.prefixes
@@ -330,7 +363,7 @@ impl Majordomo {
         }
         stats.prompt_tokens = prompt.len();
         stats.cached_prompt_tokens = cached;
-        Ok((text, stats))
+        Ok((text, stats, nll))
     }
 }
 
@@ -365,40 +398,55 @@ pub fn merge(mut model: Critique, findings: &[checks::Finding]) -> Critique {
 
 /// The messages a critic reads for a critique, whatever the backend: our model renders them
 /// with its chat template, a remote server with its own.
+///
+/// The user message is the conversation as a transcript (the user's and the writer's turns,
+/// each windowed alike), the request as the user's last turn and the draft as the writer's
+/// reply to it, then the dream's telemetry. Since the draft is written as the next turn's
+/// conversation will write the reply, the next critique's prompt starts with this one's, up
+/// to the end of the draft, and the prefix cache serves all of it.
 pub fn critique_messages(r: &CritiqueRequest) -> Vec<ChatMessage> {
-    let convo: Vec<String> = r
+    let mut used = 0;
+    let mut turns: Vec<String> = r
         .conversation
         .iter()
         .rev()
-        .take(WINDOW_TURNS)
-        .rev()
-        .map(|m| format!("{}: {}", m.role, clip(&m.content, TURN_CHARS)))
+        .map(|m| {
+            let who = match m.role.as_str() {
+                "user" => "User",
+                "assistant" => "Writer",
+                _ => "Context",
+            };
+            format!("{who}:\n{}", defuse(&window(&m.content)))
+        })
+        .take_while(|t| {
+            used += t.chars().count();
+            used <= CONVERSATION_CHARS
+        })
         .collect();
+    turns.reverse();
+    turns.push(format!("User:\n{}", defuse(&window(&r.request))));
+    let draft = if r.draft.trim().is_empty() {
+        "(empty)".to_string()
+    } else {
+        draft_as_read(&r.draft)
+    };
+    turns.push(format!("Writer:\n{draft}"));
     let telemetry = r
         .telemetry
         .as_ref()
-        .map_or_else(|| "none".to_string(), TelemetrySummary::describe);
-    let user = format!(
-        "Request: {}\n\nConversation so far:\n{}\n\nDraft:\n{}\n\nDream telemetry: {}",
-        clip(&r.request, 600),
-        if convo.is_empty() {
-            "(none)".to_string()
-        } else {
-            convo.join("\n")
-        },
-        if r.draft.trim().is_empty() {
-            "(empty)".to_string()
-        } else {
-            window(&r.draft)
-        },
-        telemetry
-    );
+        .map_or_else(|| "none".to_string(), |t| defuse(&t.describe()));
     // User text is encoded as the template renders it; markers inside it stay text only if
-    // the template escapes them, so strip the few that would end a turn early.
+    // the template escapes them, so the few that would end a turn early are neutralised.
+    let user = format!("{}{AFTER_DRAFT}{telemetry}", turns.join("\n\n"));
     vec![
         ChatMessage::new("system", format!("{SYSTEM} {CRITIQUE_TASK}")),
-        ChatMessage::user(defuse(&user)),
+        ChatMessage::user(user),
     ]
+}
+
+/// The draft as a critique prompt writes it.
+fn draft_as_read(draft: &str) -> String {
+    defuse(&window(draft))
 }
 
 /// The messages a critic reads to structure a draft.
@@ -430,4 +478,45 @@ fn defuse(text: &str) -> String {
     text.replace("<|", "<\u{200b}|")
         .replace("<start_of_turn>", "<\u{200b}start_of_turn>")
         .replace("<end_of_turn>", "<\u{200b}end_of_turn>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_names_each_stop_once_with_its_count() {
+        let t = TelemetrySummary {
+            bursts: 3,
+            latent_steps: 9,
+            mean_entropy: 2.0,
+            stop_reasons: vec!["budget".into(), "cold_stop".into(), "budget".into()],
+        };
+        assert_eq!(
+            t.describe(),
+            "3 bursts, 9 latent steps, mean entropy 2.00 nats, stops: budget x2, cold_stop"
+        );
+    }
+
+    #[test]
+    fn a_draft_is_written_as_the_next_conversation_writes_the_reply() {
+        let first = CritiqueRequest {
+            request: "Rain, please.".into(),
+            draft: "Rain <|im_end|> taps.".into(),
+            ..Default::default()
+        };
+        let next = CritiqueRequest {
+            request: "Snow now.".into(),
+            conversation: vec![
+                ChatMessage::user(first.request.clone()),
+                ChatMessage::new("assistant", first.draft.clone()),
+            ],
+            draft: "Snow.".into(),
+            ..Default::default()
+        };
+        let (a, b) = (&critique_messages(&first)[1], &critique_messages(&next)[1]);
+        let through_draft = &a.content[..a.content.find(AFTER_DRAFT).unwrap()];
+        assert!(b.content.starts_with(through_draft), "{a:?}\n{b:?}");
+        assert!(!through_draft.contains("<|im_end|>"), "markers are defused");
+    }
 }

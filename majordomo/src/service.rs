@@ -111,8 +111,6 @@ pub fn to_pb(c: &Critique) -> pb::Critique {
                 detail: i.detail.clone(),
             })
             .collect(),
-        summary: c.summary.clone(),
-        points: c.points.clone(),
         advice: Some(pb::Advice {
             noise: match c.advice.noise {
                 NoiseAdvice::Lower => pb::NoiseAdvice::Lower,

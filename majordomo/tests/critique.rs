@@ -229,3 +229,55 @@ fn critiques_share_their_instructions_through_the_prefix_cache() {
         system.len()
     );
 }
+
+/// The next turn's critique reads the previous critique's prompt from the prefix cache up to
+/// the end of its draft (the draft is written as the conversation writes the reply), and the
+/// draft's NLL, scored from the prompt's own forward, equals a cold scoring of those tokens.
+#[test]
+fn the_next_critique_reuses_this_ones_prompt_through_the_draft_and_scores_its_draft() {
+    let lm = Arc::new(LoadedModel::load("smollm2-135m", &LoadOptions::default()).unwrap());
+    let md = Majordomo::new(lm.clone()).unwrap();
+    let first = CritiqueRequest {
+        request: "Write a line about rain.".into(),
+        draft: "Rain taps the roof all night, and the gutters hum.".into(),
+        ..Default::default()
+    };
+    md.critique(&first, |_| {}).unwrap();
+    let (_, first_span) = md.critique_prompt(&first).unwrap();
+    let second = CritiqueRequest {
+        request: "Now one about snow.".into(),
+        conversation: vec![
+            lm::ChatMessage::user(first.request.clone()),
+            lm::ChatMessage::new("assistant", first.draft.clone()),
+        ],
+        draft: "Snow hushes the street until the lamps come on.".into(),
+        ..Default::default()
+    };
+    let out = md.critique(&second, |_| {}).unwrap();
+    let first_end = first_span.expect("the first draft is located").end;
+    assert!(
+        out.decode.cached_prompt_tokens >= first_end,
+        "{} prompt tokens cached; the first prompt's draft ends at {first_end}",
+        out.decode.cached_prompt_tokens
+    );
+    let (prompt, span) = md.critique_prompt(&second).unwrap();
+    let span = span.expect("the draft is located");
+    assert_eq!(
+        lm.tokenizer.decode(&prompt[span.clone()], false).unwrap(),
+        second.draft
+    );
+    let cold = lm::continuation_nll(&lm, &prompt[..span.start], &prompt[span.clone()]).unwrap();
+    let nll = out.nll.expect("a local critic scores the draft");
+    assert_eq!(nll.tokens, span.len());
+    assert!(
+        (nll.mean - cold.mean).abs() < 0.05,
+        "NLL {} from the critique's forward, {} cold",
+        nll.mean,
+        cold.mean
+    );
+    let empty = CritiqueRequest {
+        request: "Write a line about rain.".into(),
+        ..Default::default()
+    };
+    assert!(md.critique(&empty, |_| {}).unwrap().nll.is_none());
+}

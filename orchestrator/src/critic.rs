@@ -116,7 +116,10 @@ impl Critic<'_> {
             mean_entropy: mean(bursts.iter().map(|b| b.mean_entropy)),
             stop_reasons: bursts
                 .iter()
-                .map(|b| b.stop().as_str_name().to_string())
+                .map(|b| {
+                    let name = b.stop().as_str_name();
+                    name.trim_start_matches("BURST_STOP_").to_lowercase()
+                })
                 .collect(),
         };
         let req = mpb::CritiqueRequest {

@@ -149,7 +149,6 @@ function critiqueView(c) {
   if (c.flags && c.flags.length) head.append(" · ", el("span", "flags", `flagged: ${c.flags.join(", ")}`));
   box.append(head);
   const body = c.critique || {};
-  if (body.summary) box.append(el("div", null, body.summary));
   if (body.issues && body.issues.length) {
     const ul = el("ul");
     for (const i of body.issues) ul.append(el("li", null, `${i.kind}: ${i.detail}`));
