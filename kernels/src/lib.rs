@@ -24,6 +24,7 @@
 //!   for these formats.
 //! * `LM_KERNELS_SCALAR=1` forces the portable scalar path.
 
+pub mod attention;
 pub mod blocks;
 mod pool;
 

@@ -136,11 +136,18 @@ impl KvCache {
     /// sessions extend copies of them). Per layer the copy is exactly `n` positions wide and
     /// grows on the next append; the fused CUDA path's flat buffer is copied whole.
     pub fn fork_prefix(&self, n: usize) -> Result<Self> {
+        self.fork_prefix_with_room(n, 0)
+    }
+
+    /// [`Self::fork_prefix`] with room for `more` positions after the prefix, so that the
+    /// appends which follow (the rest of a prompt, a reply) do not grow it, copying it again.
+    pub fn fork_prefix_with_room(&self, n: usize, more: usize) -> Result<Self> {
         let len = self.len.min(n);
+        let room = (len + more).min(self.max_len).max(len);
         let copy = |l: &LayerKv| -> Result<LayerKv> {
             Ok(LayerKv {
-                k: grow(&l.k, len, len)?,
-                v: grow(&l.v, len, len)?,
+                k: grow(&l.k, room, len)?,
+                v: grow(&l.v, room, len)?,
             })
         };
         let layers = self
@@ -152,7 +159,7 @@ impl KvCache {
         let capacity = if self.flat_elems > 0 {
             self.capacity
         } else {
-            len
+            room
         };
         Ok(Self {
             layers,

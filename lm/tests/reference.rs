@@ -112,7 +112,11 @@ fn check_golden(alias: &str) -> f32 {
                 let id = pair[0].as_u64().unwrap() as usize;
                 worst = worst.max((row[id] - pair[1].as_f64().unwrap() as f32).abs());
             }
-            let ok = first == want || (margin < 0.5 && second == want);
+            // Where llama.cpp itself nearly ties (its top two within 0.5), rounding may order
+            // the tied tokens differently: the reference token must then be within 0.5 of our
+            // best, not necessarily first.
+            let near_tie = margin < 0.5 && row[first as usize] - row[want as usize] < 0.5;
+            let ok = first == want || near_tie;
             if !ok {
                 failures.push(format!(
                     "{:?} step {i}: ours {first}/{second}, reference {want} (margin {margin})",

@@ -202,6 +202,10 @@ const STRUCTURE_TASK: &str =
 /// next reply). A few dozen sessions' prompts for the default models.
 const PREFIX_CACHE_BYTES: usize = 256 << 20;
 
+/// Positions a prompt from the prefix cache leaves room for after itself: a critique's JSON
+/// (about 35 tokens) without growing (copying) the cache again.
+const OUTPUT_ROOM: usize = 64;
+
 pub struct Majordomo {
     lm: Arc<LoadedModel>,
     constrainer: Constrainer,
@@ -322,7 +326,8 @@ impl Majordomo {
         let (mut cache, cached) = match &hit {
             Some(hit) => {
                 let n = hit.shared.min(keep);
-                (hit.entry.cache().fork_prefix(n)?, n)
+                let more = prompt.len() - n + OUTPUT_ROOM;
+                (hit.entry.cache().fork_prefix_with_room(n, more)?, n)
             }
             None => (self.lm.model.new_cache(), 0),
         };

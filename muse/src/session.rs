@@ -12,13 +12,17 @@ use lm::{ChatMessage, Decoder, GenerateOptions, Input, KvCache, LmError, LoadedM
 use std::collections::HashMap;
 use std::time::Instant;
 
-/// Prompts are evaluated in chunks of this many positions, at multiples of it, and a cached
-/// prefix is resumed only at such a boundary. Each chunk then sees the same inputs (its tokens,
-/// the same KV before it) whether the prefix came from the prefix cache or not, so a prime is
-/// bit-identical either way and a recorded seed replays its turn on any replica. Batched
-/// matmuls round differently for different row counts: a prime resumed at an arbitrary
-/// position drifted from a cold one in the last bits, enough for a sampled reply to differ.
+/// Prompts are evaluated in chunks of at most this many positions, so that a long prompt
+/// batches with other sessions' steps instead of holding the forward queue. Where the chunks
+/// fall does not change a bit of the result: every operation of the CPU forward gives a row
+/// the same result whatever rows it is evaluated with (our kernels, and attention one query
+/// row at a time), so a prime resumed from the prefix cache at any position equals a cold one
+/// and a recorded seed replays its turn on any replica.
 pub const PRIME_CHUNK: usize = 32;
+
+/// Positions a prime from the prefix cache leaves room for after the prompt, so that a
+/// reply's first commits do not grow (copy) the cache.
+const REPLY_ROOM: usize = 256;
 
 /// Characters of a checkpoint name.
 const MAX_CHECKPOINT_CHARS: usize = 64;
@@ -143,12 +147,16 @@ impl<'m> DreamSession<'m> {
         let hit = prefixes.and_then(|p| p.lookup(&ids));
         // The last prompt token is always forwarded: its row gives the frontier.
         let shared = hit.as_ref().map_or(0, |h| h.shared.min(ids.len() - 1));
-        let cached = shared / PRIME_CHUNK * PRIME_CHUNK;
+        let cached = shared;
         match &hit {
-            Some(h) if cached > 0 => self.cache = h.entry.cache().fork_prefix(cached)?,
+            Some(h) if cached > 0 => {
+                let more = ids.len() - cached + REPLY_ROOM;
+                self.cache = h.entry.cache().fork_prefix_with_room(cached, more)?
+            }
             _ => self.cache.clear(),
         }
-        let last = (ids.len() - 1) / PRIME_CHUNK * PRIME_CHUNK;
+        // Whole chunks, then the rest (1 to PRIME_CHUNK positions) gives the frontier.
+        let last = cached + (ids.len() - cached - 1) / PRIME_CHUNK * PRIME_CHUNK;
         for start in (cached..last).step_by(PRIME_CHUNK) {
             self.lm.model.forward(
                 Input::Tokens(&ids[start..start + PRIME_CHUNK]),

@@ -26,6 +26,8 @@ use batch::StepQueue;
 pub use batch::StepStats;
 use candle_core::{DType, Device, Tensor};
 use linear::{forward_many, Linear};
+use mm_kernels::attention::{causal_attention, AttentionShape, KvView};
+use mm_kernels::KernelPool;
 use rope::RopeTables;
 
 /// What to feed at the next positions.
@@ -667,6 +669,9 @@ impl Model {
         pos: usize,
         window: Option<usize>,
     ) -> Result<Tensor> {
+        if self.device.is_cpu() && q.dtype() == DType::F32 {
+            return self.attention_rows(q, k, v, pos, window);
+        }
         let c = &self.config;
         let (_, n, d) = q.dims3()?;
         let total = pos + n;
@@ -702,6 +707,53 @@ impl Model {
             .reshape((n, c.heads * d))?)
     }
 
+    /// [`Self::attention`] on the CPU: our kernel, one query row at a time, so that a row's
+    /// result does not depend on how many rows are evaluated with it (a prompt resumed from
+    /// cached KV at any position equals a cold one, bit for bit). It reads the cache's buffers
+    /// in place.
+    fn attention_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (heads, n, d) = q.dims3()?;
+        let q = q.contiguous()?;
+        let (k, v) = (head_rows(k, d)?, head_rows(v, d)?);
+        let (kv_heads, len, _) = k.dims3()?;
+        let head_stride = k.stride()[0] / d;
+        if v.stride()[0] / d != head_stride {
+            return Err(LmError::InvalidInput(
+                "keys and values are laid out differently".into(),
+            ));
+        }
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: c.attn_scale,
+            window,
+        };
+        let mut out = vec![0f32; n * heads * d];
+        {
+            let (qs, ql) = q.storage_and_layout();
+            let (ks, kl) = k.storage_and_layout();
+            let (vs, vl) = v.storage_and_layout();
+            let kv = KvView {
+                k: &cpu_f32(&ks)?[kl.start_offset()..],
+                v: &cpu_f32(&vs)?[vl.start_offset()..],
+                head_stride,
+                len,
+            };
+            let q = &cpu_f32(&qs)?[ql.start_offset()..][..heads * n * d];
+            causal_attention(KernelPool::global(), &shape, q, n, pos, &kv, &mut out);
+        }
+        Ok(Tensor::from_vec(out, (n, heads * d), &self.device)?)
+    }
+
     /// `[n, keys]` additive mask: query `i` (position `pos+i`) sees key `j` (position `first+j`)
     /// when `first+j <= pos+i` and, with a window `w`, `pos+i - (first+j) < w`.
     fn mask(
@@ -724,6 +776,27 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(m, (n, keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// `t: [heads, positions, d]` as rows of `d` contiguous values, `stride[0]` apart per head (a
+/// view of a cache buffer is; anything else is copied).
+fn head_rows(t: &Tensor, d: usize) -> Result<Tensor> {
+    let s = t.stride();
+    if s[2] == 1 && s[1] == d && s[0].is_multiple_of(d) && s[0] / d >= t.dim(1)? {
+        Ok(t.clone())
+    } else {
+        Ok(t.contiguous()?)
+    }
+}
+
+/// The f32 values of a CPU tensor's storage.
+fn cpu_f32(s: &candle_core::Storage) -> Result<&[f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+        _ => Err(LmError::InvalidInput(
+            "CPU attention was given a tensor on another device".into(),
+        )),
     }
 }
 

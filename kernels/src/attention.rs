@@ -1,0 +1,457 @@
+//! Causal attention on the CPU, one query row at a time.
+//!
+//! Each row's result depends only on its own query and the keys and values it sees, computed
+//! in a fixed order, never on how many rows are evaluated together. A prompt evaluated in any
+//! split (a prefix from a cache, the rest in one forward or several) then gives the same bits
+//! as a cold one; a multi-query gemm rounds differently for different row counts.
+
+#[cfg(target_arch = "x86_64")]
+use crate::has_avx2;
+use crate::KernelPool;
+use std::cell::RefCell;
+
+/// The attention's shape, the same for every row.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies each query-key dot product.
+    pub scale: f32,
+    /// A query sees at most this many latest positions, its own included (sliding window).
+    pub window: Option<usize>,
+}
+
+/// Keys and values, `[kv_heads][head_stride][head_dim]` each, of which positions `0..len` are
+/// valid (a cache whose buffers hold `head_stride` positions per head).
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub head_stride: usize,
+    pub len: usize,
+}
+
+/// Attention of `n` query rows at positions `pos..pos + n` over `kv` (which holds them):
+/// `q` is `[heads][n][head_dim]`, `out` is `[n][heads * head_dim]`.
+///
+/// Panics on inconsistent lengths (a caller's bug, not input).
+pub fn causal_attention(
+    pool: &KernelPool,
+    shape: &AttentionShape,
+    q: &[f32],
+    n: usize,
+    pos: usize,
+    kv: &KvView,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = *shape;
+    assert!(
+        heads > 0 && kv_heads > 0 && heads % kv_heads == 0,
+        "{shape:?}"
+    );
+    assert_eq!(q.len(), heads * n * d, "q is [heads][n][head_dim]");
+    assert_eq!(out.len(), n * heads * d, "out is [n][heads * head_dim]");
+    assert!(
+        pos + n <= kv.len && kv.len <= kv.head_stride,
+        "{n} rows at {pos} over {kv:?}"
+    );
+    let kv_elems = kv_heads * kv.head_stride * d;
+    assert!(
+        kv.k.len() >= kv_elems && kv.v.len() >= kv_elems,
+        "kv is too short"
+    );
+    let group = heads / kv_heads;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = has_avx2();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let row_blocks = n.div_ceil(ROWS_PER_TASK);
+    // A task: one kv head's query heads over a few rows, so each key block is loaded once for
+    // all of them. How rows are grouped never changes a row's arithmetic.
+    let work = |task: usize| {
+        let (g, rb) = (task / row_blocks, task % row_blocks);
+        let k = &kv.k[g * kv.head_stride * d..][..kv.head_stride * d];
+        let v = &kv.v[g * kv.head_stride * d..][..kv.head_stride * d];
+        let queries: Vec<Query> = (rb * ROWS_PER_TASK..n.min((rb + 1) * ROWS_PER_TASK))
+            .flat_map(|i| (g * group..(g + 1) * group).map(move |h| (i, h)))
+            .map(|(i, h)| Query {
+                q: &q[(h * n + i) * d..][..d],
+                at: pos + i,
+                // SAFETY: query (i, h) alone writes out[i][h*d .. (h+1)*d], inside `out`
+                // (checked above); `out` outlives `run`, which returns after every task.
+                out: unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add((i * heads + h) * d), d)
+                },
+            })
+            .collect();
+        SCORES.with(|s| {
+            let s = &mut s.borrow_mut();
+            #[cfg(target_arch = "x86_64")]
+            if avx2 && d % 8 == 0 {
+                // SAFETY: AVX2 and FMA were detected; d is a multiple of 8.
+                return unsafe { queries_avx2(shape, queries, k, v, s) };
+            }
+            for query in queries {
+                row(shape, query.q, k, v, query.at, s, query.out);
+            }
+        });
+    };
+    pool.run(kv_heads * row_blocks, work);
+}
+
+/// Query rows per task: with a kv head's query heads, a dozen queries share each key block.
+const ROWS_PER_TASK: usize = 4;
+
+/// One query row: its vector, its position, where its result goes.
+struct Query<'a> {
+    q: &'a [f32],
+    at: usize,
+    out: &'a mut [f32],
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: tasks write disjoint parts of the buffer (see `causal_attention`).
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Queries of one kv head with AVX2: scores eight keys at a time, each key block loaded once
+/// for all the queries and each dot product reduced in the same order, then per query the
+/// softmax and the weighted values. Key blocks sit at multiples of 8 whatever the queries, so
+/// a key's score lands in the same lane, and a query's sum adds the same terms in the same
+/// order, alone or with others.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `head_dim` must be a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn queries_avx2(
+    shape: &AttentionShape,
+    queries: Vec<Query>,
+    k: &[f32],
+    v: &[f32],
+    scratch: &mut Vec<f32>,
+) {
+    use std::arch::x86_64::*;
+    let d = shape.head_dim;
+    let first = |at: usize| shape.window.map_or(0, |w| (at + 1).saturating_sub(w));
+    let (Some(lo), Some(hi)) = (
+        queries.iter().map(|q| first(q.at) / 8 * 8).min(),
+        queries.iter().map(|q| q.at).max(),
+    ) else {
+        return;
+    };
+    let span = (hi + 1 - lo).div_ceil(8) * 8;
+    scratch.clear();
+    scratch.resize(queries.len() * span + 8 * d, 0.0);
+    let (scores, pad) = scratch.split_at_mut(queries.len() * span);
+    for b in (0..span).step_by(8) {
+        let j0 = lo + b;
+        // A block past the last key is read from zeros in `pad`: every key is computed alike.
+        let rows: *const f32 = if j0 + 8 <= hi + 1 {
+            k.as_ptr().add(j0 * d)
+        } else {
+            let n = hi + 1 - j0;
+            pad[..n * d].copy_from_slice(&k[j0 * d..][..n * d]);
+            pad[n * d..].fill(0.0);
+            pad.as_ptr()
+        };
+        for (qi, query) in queries.iter().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..d).step_by(8) {
+                let qv = _mm256_loadu_ps(query.q.as_ptr().add(c));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.add(r * d + c)), *a);
+                }
+            }
+            // Lane r of the result is key r's sum, reduced in the same order for every key.
+            let t0 = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let t1 = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[4], acc[5]),
+                _mm256_hadd_ps(acc[6], acc[7]),
+            );
+            let dots = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(t0, t1),
+                _mm256_permute2f128_ps::<0x31>(t0, t1),
+            );
+            _mm256_storeu_ps(
+                scores.as_mut_ptr().add(qi * span + b),
+                _mm256_mul_ps(dots, _mm256_set1_ps(shape.scale)),
+            );
+        }
+    }
+    for (qi, query) in queries.into_iter().enumerate() {
+        let first = first(query.at);
+        let sc = &mut scores[qi * span..][..span];
+        // Keys this query does not see get no weight: before its window, after itself.
+        sc[..first - lo].fill(f32::NEG_INFINITY);
+        sc[query.at + 1 - lo..].fill(f32::NEG_INFINITY);
+        let sum = softmax_weights_avx2(sc);
+        // The weighted values, 64 dimensions (8 vectors) at a time, accumulated in registers.
+        let inv = _mm256_set1_ps(1.0 / sum);
+        for c0 in (0..d).step_by(64) {
+            let width = (d - c0).min(64) / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &p) in (first..=query.at).zip(&sc[first - lo..]) {
+                if p == 0.0 {
+                    continue;
+                }
+                let pv = _mm256_set1_ps(p);
+                let vr = v.as_ptr().add(j * d + c0);
+                for (u, a) in acc[..width].iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr.add(u * 8)), *a);
+                }
+            }
+            for (u, a) in acc[..width].iter().enumerate() {
+                _mm256_storeu_ps(
+                    query.out.as_mut_ptr().add(c0 + u * 8),
+                    _mm256_mul_ps(*a, inv),
+                );
+            }
+        }
+    }
+}
+
+/// [`softmax_weights`] eight scores at a time (`scores.len()` a multiple of 8), with a
+/// polynomial `exp` (Cephes' `expf`, within 2 ulp): the same bits for a score wherever it
+/// sits, and the sum in a fixed order for a given length.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_weights_avx2(scores: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let p = scores.as_mut_ptr();
+    let blocks = scores.len() / 8;
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for b in 0..blocks {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(b * 8)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (maxv, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(NEGLIGIBLE));
+    let mut sum = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(p.add(b * 8)), maxv);
+        // Not below the floor: a NaN is kept, and reaches the output for the model's check.
+        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, floor);
+        let e = _mm256_and_ps(exp_avx2(_mm256_max_ps(floor, x)), keep);
+        _mm256_storeu_ps(p.add(b * 8), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+/// `exp(x)` for `x` in `[NEGLIGIBLE, 0]`: `2^n · e^r` with `n = round(x / ln 2)`, `r` reduced
+/// in two steps and `e^r` by Cephes' degree-7 polynomial.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+}
+
+/// Turns scores into unnormalised softmax weights in place; returns their sum.
+#[inline(always)]
+fn softmax_weights(scores: &mut [f32]) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    for &s in scores.iter() {
+        max = max.max(s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        // A key this far below the best weighs under 1e-26 of it: zero, not a subnormal
+        // `exp`, whose products would run at a fraction of the speed.
+        *s = if *s - max < NEGLIGIBLE {
+            0.0
+        } else {
+            (*s - max).exp()
+        };
+        sum += *s;
+    }
+    sum
+}
+
+/// One query row at position `at` over one kv head's `k`, `v` (`[positions][head_dim]`),
+/// portable.
+fn row(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    at: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let d = shape.head_dim;
+    let first = shape.window.map_or(0, |w| (at + 1).saturating_sub(w));
+    scores.clear();
+    for j in first..=at {
+        let krow = &k[j * d..][..d];
+        let mut dot = 0f32;
+        for c in 0..d {
+            dot += q[c] * krow[c];
+        }
+        scores.push(dot * shape.scale);
+    }
+    let sum = softmax_weights(scores);
+    out.fill(0.0);
+    for (jj, &p) in scores.iter().enumerate() {
+        let vrow = &v[(first + jj) * d..][..d];
+        for c in 0..d {
+            out[c] += p * vrow[c];
+        }
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// Scores this far (nats) below a row's best key get no weight.
+const NEGLIGIBLE: f32 = -60.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(shape: &AttentionShape, q: &[f32], n: usize, pos: usize, kv: &KvView) -> Vec<f32> {
+        let (heads, d) = (shape.heads, shape.head_dim);
+        let group = heads / shape.kv_heads;
+        let mut out = vec![0f32; n * heads * d];
+        for i in 0..n {
+            for h in 0..heads {
+                let at = pos + i;
+                let first = shape.window.map_or(0, |w| (at + 1).saturating_sub(w));
+                let base = (h / group) * kv.head_stride * d;
+                let qrow = &q[(h * n + i) * d..][..d];
+                let s: Vec<f64> = (first..=at)
+                    .map(|j| {
+                        let krow = &kv.k[base + j * d..][..d];
+                        qrow.iter()
+                            .zip(krow)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            * shape.scale as f64
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..d {
+                    let o: f64 = e
+                        .iter()
+                        .zip(first..=at)
+                        .map(|(p, j)| p * kv.v[base + j * d + c] as f64)
+                        .sum();
+                    out[(i * heads + h) * d + c] = (o / sum) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Equal to f64 attention, and every row has the same bits whether it is evaluated alone
+    /// or with others (the property a resumed prompt needs).
+    #[test]
+    fn rows_match_f64_attention_and_do_not_depend_on_the_row_count() {
+        for (heads, kv_heads, d, window) in [(9, 3, 64, None), (4, 1, 80, Some(5)), (2, 2, 7, None)]
+        {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                window,
+            };
+            let (stride, len, pos, n) = (340, 300, 288, 12);
+            let k = random(kv_heads * stride * d, 1);
+            let v = random(kv_heads * stride * d, 2);
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                head_stride: stride,
+                len,
+            };
+            let q = random(heads * n * d, 3);
+            let pool = KernelPool::global();
+            let mut all = vec![0f32; n * heads * d];
+            causal_attention(pool, &shape, &q, n, pos, &kv, &mut all);
+            let want = reference(&shape, &q, n, pos, &kv);
+            for (a, b) in all.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b} ({shape:?})");
+            }
+            for i in 0..n {
+                let q1: Vec<f32> = (0..heads)
+                    .flat_map(|h| q[(h * n + i) * d..][..d].to_vec())
+                    .collect();
+                let mut one = vec![0f32; heads * d];
+                causal_attention(pool, &shape, &q1, 1, pos + i, &kv, &mut one);
+                assert_eq!(
+                    one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    all[i * heads * d..][..heads * d]
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>(),
+                    "row {i} alone differs ({shape:?})"
+                );
+            }
+        }
+    }
+}
