@@ -81,12 +81,14 @@ check(
     f"the second prime ({u2.prompt_tokens} tokens) includes the first turn "
     f"({u1.prompt_tokens} + {u1.completion_tokens})",
 )
-# ... and the replica that primed the first turn reused its KV (whole chunks of the first
-# prime, OpenAI's prompt_tokens_details.cached_tokens).
+# ... and the replica that primed the first turn reused its KV (OpenAI's
+# prompt_tokens_details.cached_tokens): all of the first prime, which the second extends, or,
+# when the chosen reply came from a retry of the same prompt, all of it but the last token.
 cached = u2.prompt_tokens_details.cached_tokens if u2.prompt_tokens_details else 0
 check(
-    0 < cached <= u1.prompt_tokens,
-    f"the second prime reused {cached} cached tokens; the first prime had {u1.prompt_tokens}",
+    u1.prompt_tokens <= cached < u2.prompt_tokens,
+    f"the second prime reused {cached} cached tokens; the first prime had {u1.prompt_tokens}, "
+    f"the second {u2.prompt_tokens}",
 )
 found["second"] = {"text": second.choices[0].message.content, "usage": u2.model_dump()}
 
