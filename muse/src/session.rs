@@ -18,7 +18,7 @@ use std::time::Instant;
 /// the same result whatever rows it is evaluated with (our kernels, and attention one query
 /// row at a time), so a prime resumed from the prefix cache at any position equals a cold one
 /// and a recorded seed replays its turn on any replica.
-pub const PRIME_CHUNK: usize = 32;
+const PRIME_CHUNK: usize = 32;
 
 /// Positions a prime from the prefix cache leaves room for after the prompt, so that a
 /// reply's first commits do not grow (copy) the cache.
