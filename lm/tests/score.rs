@@ -50,10 +50,17 @@ fn continuation_nll_matches_llama_cpp() {
             "{alias}: {ours_by_case:?}"
         );
     }
-    assert!(lm::continuation_nll(
-        &LoadedModel::load("smollm2-135m", &LoadOptions::default()).unwrap(),
-        &[],
-        &[1]
-    )
-    .is_err());
+    let lm = LoadedModel::load("smollm2-135m", &LoadOptions::default()).unwrap();
+    assert!(lm::continuation_nll(&lm, &[], &[1]).is_err());
+    // Scoring rows of a forward run for something else: one row per target, or a clear error.
+    let mut cache = lm.model.new_cache();
+    let hidden = lm
+        .model
+        .forward(lm::Input::Tokens(&[1, 2, 3]), &mut cache)
+        .unwrap();
+    let err = lm::rows_nll(&lm, &hidden, &[2, 3]).unwrap_err().to_string();
+    assert!(err.contains("3 rows for 2 targets"), "{err}");
+    let rows = lm::rows_nll(&lm, &hidden.narrow(0, 0, 2).unwrap(), &[2, 3]).unwrap();
+    let whole = lm::continuation_nll(&lm, &[1], &[2, 3]).unwrap();
+    assert_eq!(rows, whole);
 }
