@@ -175,13 +175,13 @@ unsafe fn prefetch_ahead(base: *const u8, offset: usize, len: usize) {
 ///
 /// With `$mterm`, lane 1 of `dx * dy` is `m * s` (Q4_1 x Q8_1) and is accumulated separately.
 macro_rules! dot_kernel {
-    ($fn1:ident, $fnr:ident, $fnt:ident, $X:ty, $Y:ty, $load:ident, $yscale:ident, $mul:ident, $signed:literal, $mterm:literal) => {
+    ($tf:literal, $fn1:ident, $fnr:ident, $fnt:ident, $X:ty, $Y:ty, $load:ident, $yscale:ident, $mul:ident, $signed:literal, $mterm:literal) => {
         /// R weight rows × C activation rows (small-batch matmul): each weight block is
         /// unpacked once per C activations, each activation block loaded once per R rows.
         /// `yd[j]` = the f32 scales of activation j (nb values). With `$mterm`, `ys` points to
         /// `s` of activation 0 for block 0, stride `ys_stride` floats per block, at least 8
         /// readable floats per block (zero padded): `m·s` is accumulated with activations in lanes.
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $tf)]
         pub unsafe fn $fnt<const R: usize, const C: usize>(
             x: [*const $X; R],
             y: [*const $Y; C],
@@ -240,7 +240,7 @@ macro_rules! dot_kernel {
             }
         }
 
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $tf)]
         pub unsafe fn $fn1(x: &[$X], y: &[$Y]) -> f32 {
             assert_eq!(x.len(), y.len());
             let mut out = [0f32; 1];
@@ -248,7 +248,7 @@ macro_rules! dot_kernel {
             out[0]
         }
 
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $tf)]
         pub unsafe fn $fnr<const R: usize>(
             x: [*const $X; R],
             y: *const $Y,
@@ -288,54 +288,82 @@ macro_rules! dot_kernel {
     };
 }
 
-dot_kernel!(
-    vec_dot_q4_0_q8_0,
-    dot_rows_q4_0_q8_0,
-    dot_tile_q4_0_q8_0,
-    BlockQ4_0,
-    BlockQ8_0,
-    load_q4_0,
-    yscale_q8_0,
-    mul_i8,
-    true,
-    false
-);
-dot_kernel!(
-    vec_dot_q4_1_q8_1,
-    dot_rows_q4_1_q8_1,
-    dot_tile_q4_1_q8_1,
-    BlockQ4_1,
-    BlockQ8_1,
-    load_q4_1,
-    yscale_q8_1,
-    mul_us8,
-    false,
-    true
-);
-dot_kernel!(
-    vec_dot_q5_0_q8_0,
-    dot_rows_q5_0_q8_0,
-    dot_tile_q5_0_q8_0,
-    BlockQ5_0,
-    BlockQ8_0,
-    load_q5_0,
-    yscale_q8_0,
-    mul_i8,
-    true,
-    false
-);
-dot_kernel!(
-    vec_dot_q8_0_q8_0,
-    dot_rows_q8_0_q8_0,
-    dot_tile_q8_0_q8_0,
-    BlockQ8_0,
-    BlockQ8_0,
-    load_q8_0,
-    yscale_q8_0,
-    mul_i8,
-    true,
-    false
-);
+/// The legacy formats' kernels, compiled for the target features `$tf`.
+macro_rules! legacy_kernels {
+    ($tf:literal) => {
+        dot_kernel!(
+            $tf,
+            vec_dot_q4_0_q8_0,
+            dot_rows_q4_0_q8_0,
+            dot_tile_q4_0_q8_0,
+            BlockQ4_0,
+            BlockQ8_0,
+            load_q4_0,
+            yscale_q8_0,
+            mul_i8,
+            true,
+            false
+        );
+        dot_kernel!(
+            $tf,
+            vec_dot_q4_1_q8_1,
+            dot_rows_q4_1_q8_1,
+            dot_tile_q4_1_q8_1,
+            BlockQ4_1,
+            BlockQ8_1,
+            load_q4_1,
+            yscale_q8_1,
+            mul_us8,
+            false,
+            true
+        );
+        dot_kernel!(
+            $tf,
+            vec_dot_q5_0_q8_0,
+            dot_rows_q5_0_q8_0,
+            dot_tile_q5_0_q8_0,
+            BlockQ5_0,
+            BlockQ8_0,
+            load_q5_0,
+            yscale_q8_0,
+            mul_i8,
+            true,
+            false
+        );
+        dot_kernel!(
+            $tf,
+            vec_dot_q8_0_q8_0,
+            dot_rows_q8_0_q8_0,
+            dot_tile_q8_0_q8_0,
+            BlockQ8_0,
+            BlockQ8_0,
+            load_q8_0,
+            yscale_q8_0,
+            mul_i8,
+            true,
+            false
+        );
+    };
+}
+legacy_kernels!("avx2,fma,f16c");
+
+/// The same kernels with AVX-VNNI (Intel Alder Lake / Sapphire Rapids and later, AMD Zen 5):
+/// `vpdpbusd` does `maddubs` + `madd` in one instruction. The i32 lanes hold the same exact
+/// sums as on AVX2 (no pair of byte products reaches the i16 saturation ggml's formats avoid),
+/// so every result has the same bits.
+pub mod vnni {
+    use super::*;
+
+    /// unsigned x signed byte quads -> 8 f32 partial sums (ggml mul_sum_us8_pairs_float, VNNI).
+    macro_rules! mul_us8 {
+        ($ax:expr, $sy:expr, $c:expr) => {{
+            let _ = $c; // the AVX2 version's constants: not needed here
+            _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), $ax, $sy))
+        }};
+    }
+
+    legacy_kernels!("avx2,fma,f16c,avxvnni");
+}
 
 /// One block of 32 floats -> 32 i8 (ggml x86 quantize_row_q8_0/q8_1). Returns (d, sum(q)).
 #[inline]

@@ -65,17 +65,51 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Instruction set used by a call (tests force `Scalar` to compare paths).
+/// True when [`has_avx2`] holds and the CPU has AVX-VNNI, which the legacy formats' kernels
+/// use for their byte products (same results, fewer instructions). `LM_KERNELS_NO_VNNI=1`
+/// keeps plain AVX2, to compare the two on one machine.
+#[inline]
+pub fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static CACHE: AtomicU8 = AtomicU8::new(0);
+        match CACHE.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let ok = has_avx2()
+                    && std::is_x86_feature_detected!("avxvnni")
+                    && std::env::var_os("LM_KERNELS_NO_VNNI").is_none();
+                CACHE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+                ok
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Instruction set used by a call (tests force `Scalar` or `Avx2` to compare paths).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-VNNI byte products where a format has them.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
 }
 
 impl Isa {
     #[inline]
     fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx_vnni() {
+            return Isa::AvxVnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             return Isa::Avx2;
@@ -275,7 +309,7 @@ impl QuantizedActivation {
 fn quantize_q8_0(isa: Isa, xs: &[f32], ys: &mut [BlockQ8_0]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::quantize_row_q8_0(xs, ys) },
+        Isa::Avx2 | Isa::AvxVnni => unsafe { avx2::quantize_row_q8_0(xs, ys) },
         Isa::Scalar => blocks::quantize_row_q8_0_scalar(xs, ys),
     }
 }
@@ -283,7 +317,7 @@ fn quantize_q8_0(isa: Isa, xs: &[f32], ys: &mut [BlockQ8_0]) {
 fn quantize_q8_1(isa: Isa, xs: &[f32], ys: &mut [BlockQ8_1]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::quantize_row_q8_1(xs, ys) },
+        Isa::Avx2 | Isa::AvxVnni => unsafe { avx2::quantize_row_q8_1(xs, ys) },
         Isa::Scalar => blocks::quantize_row_q8_1_scalar(xs, ys),
     }
 }
@@ -364,10 +398,10 @@ trait Format: Pod {
     /// ggml's generic dot product of one row (the scalar path).
     fn dot_scalar(x: &[Self], y: &[Self::Act]) -> f32;
 
-    /// [`Format::rows`] on AVX2.
+    /// [`Format::rows`] on AVX2, with AVX-VNNI where `vnni` and the format has such kernels.
     ///
     /// # Safety
-    /// As [`Format::rows`], and AVX2 + FMA + F16C available.
+    /// As [`Format::rows`], and AVX2 + FMA + F16C (and AVX-VNNI if `vnni`) available.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows_avx2(
@@ -378,6 +412,7 @@ trait Format: Pod {
         m: usize,
         out: *mut f32,
         out_stride: usize,
+        vnni: bool,
     );
 
     /// `out[c * out_stride + r - rows.start] = dot(w row r, act row c)` for r in `rows`,
@@ -398,7 +433,9 @@ trait Format: Pod {
     ) {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Self::rows_avx2(w, nb, rows, y, m, out, out_stride),
+            Isa::Avx2 => Self::rows_avx2(w, nb, rows, y, m, out, out_stride, false),
+            #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => Self::rows_avx2(w, nb, rows, y, m, out, out_stride, true),
             Isa::Scalar => {
                 for r in rows.clone() {
                     let wr = &w[r * nb..(r + 1) * nb];
@@ -485,6 +522,8 @@ struct Legacy<X, Y> {
     w: *const X,
     y: *const Y,
     nb: usize,
+    /// Run the AVX-VNNI twins of the kernels.
+    vnni: bool,
     yd: Vec<f32>,
     ys: Vec<f32>,
     ys_stride: usize,
@@ -492,7 +531,7 @@ struct Legacy<X, Y> {
 
 #[cfg(target_arch = "x86_64")]
 impl<X, Y: blocks::ActBlock> Legacy<X, Y> {
-    fn new(w: &[X], y: &[Y], nb: usize, m: usize) -> Self {
+    fn new(w: &[X], y: &[Y], nb: usize, m: usize, vnni: bool) -> Self {
         let (mut yd, mut ys) = (Vec::new(), Vec::new());
         let ys_stride = m + 8;
         if m >= TILE_C {
@@ -510,6 +549,7 @@ impl<X, Y: blocks::ActBlock> Legacy<X, Y> {
             w: w.as_ptr(),
             y: y.as_ptr(),
             nb,
+            vnni,
             yd,
             ys,
             ys_stride,
@@ -530,19 +570,31 @@ macro_rules! impl_format {
             #[inline]
             unsafe fn rows<const R: usize>(&self, r: usize, c: usize, out: &mut [f32; R]) {
                 let xs = std::array::from_fn(|i| self.row(r + i));
-                avx2::$avx_rows::<R>(xs, self.act(c), self.nb, out)
+                if self.vnni {
+                    avx2::vnni::$avx_rows::<R>(xs, self.act(c), self.nb, out)
+                } else {
+                    avx2::$avx_rows::<R>(xs, self.act(c), self.nb, out)
+                }
             }
             #[inline]
             unsafe fn tile(&self, r: usize, c: usize, out: &mut [[f32; TILE_R]; TILE_C]) {
-                avx2::$avx_tile::<TILE_R, TILE_C>(
-                    std::array::from_fn(|i| self.row(r + i)),
-                    std::array::from_fn(|j| self.act(c + j)),
-                    std::array::from_fn(|j| self.yd.as_ptr().add((c + j) * self.nb)),
-                    self.ys.as_ptr().add(c),
-                    self.ys_stride,
-                    self.nb,
-                    out,
-                )
+                let x = std::array::from_fn(|i| self.row(r + i));
+                let y = std::array::from_fn(|j| self.act(c + j));
+                let yd = std::array::from_fn(|j| self.yd.as_ptr().add((c + j) * self.nb));
+                let ys = self.ys.as_ptr().add(c);
+                if self.vnni {
+                    avx2::vnni::$avx_tile::<TILE_R, TILE_C>(
+                        x,
+                        y,
+                        yd,
+                        ys,
+                        self.ys_stride,
+                        self.nb,
+                        out,
+                    )
+                } else {
+                    avx2::$avx_tile::<TILE_R, TILE_C>(x, y, yd, ys, self.ys_stride, self.nb, out)
+                }
             }
         }
 
@@ -560,8 +612,9 @@ macro_rules! impl_format {
                 m: usize,
                 out: *mut f32,
                 out_stride: usize,
+                vnni: bool,
             ) {
-                avx2_blocked(&Legacy::new(w, y, nb, m), rows, m, out, out_stride)
+                avx2_blocked(&Legacy::new(w, y, nb, m, vnni), rows, m, out, out_stride)
             }
         }
     };
@@ -651,7 +704,9 @@ macro_rules! impl_format_k {
                 m: usize,
                 out: *mut f32,
                 out_stride: usize,
+                _vnni: bool,
             ) {
+                // The k-quants scale i16 pair sums before widening: no VNNI form.
                 let k = KQuants {
                     w: w.as_ptr(),
                     y: y.as_ptr(),

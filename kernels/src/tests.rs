@@ -967,3 +967,61 @@ fn k_quant_products_match_dequantized() {
         }
     }
 }
+
+/// Where the CPU has AVX-VNNI, the legacy formats' VNNI kernels and the AVX2 ones both run
+/// here and give the same bits: `vpdpbusd` sums the same exact byte products as `maddubs` +
+/// `madd`, so a machine with VNNI replays a seed like one without.
+#[test]
+fn vnni_kernels_give_the_avx2_bits() {
+    if !has_avx_vnni() {
+        eprintln!("skipped: this CPU has no AVX-VNNI");
+        return;
+    }
+    let pool = KernelPool::new(2);
+    let mut rng = Rng::new(512);
+    for dtype in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+        for (rows, cols) in [(37, 96), (64, 576), (13, 1536)] {
+            let w = QWeight::from_f32(dtype, rows, cols, &rng.vec(rows * cols)).unwrap();
+            for m in [1, 3, 4, 9] {
+                let xq = QuantizedActivation::new(w.act_kind(), &rng.vec(m * cols), m, cols);
+                let run = |isa| {
+                    let mut out = vec![f32::NAN; m * rows];
+                    w.matmul_isa(isa, &pool, &xq, &mut out);
+                    out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(Isa::AvxVnni),
+                    run(Isa::Avx2),
+                    "{dtype:?} {rows}x{cols} m={m}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn tmp_timing() {
+    let pool = KernelPool::new(1);
+    let mut rng = Rng::new(1);
+    let (rows, cols) = (1536, 576);
+    let w = QWeight::from_f32(QType::Q4_1, rows, cols, &rng.vec(rows * cols)).unwrap();
+    for m in [1usize, 4, 8, 64] {
+        let xs = rng.vec(m * cols);
+        let xq = QuantizedActivation::new(ActKind::Q8_1, &xs, m, cols);
+        let mut out = vec![0f32; m * rows];
+        for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx2, Isa::AvxVnni] {
+            let n = 20000 / m;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                w.matmul_isa(isa, &pool, &xq, &mut out);
+            }
+            let dt = t.elapsed().as_secs_f64() / n as f64;
+            eprintln!(
+                "m={m} {isa:?}: {:.1} us, {:.1} GMAC/s",
+                dt * 1e6,
+                (rows * cols * m) as f64 / dt / 1e9
+            );
+        }
+    }
+}
