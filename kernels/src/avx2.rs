@@ -101,6 +101,17 @@ macro_rules! mul_i8 {
     }};
 }
 
+/// `acc` + the sums of four unsigned x signed byte products per i32 lane (exact: the pairs
+/// stay far from `maddubs`' i16 saturation for 4-bit weights).
+macro_rules! dot_u8i8 {
+    ($acc:expr, $u:expr, $s:expr, $c:expr) => {
+        _mm256_add_epi32(
+            $acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16($u, $s), $c.ones16),
+        )
+    };
+}
+
 // Per-format loaders: (quants as bytes, scale vector [d, m?, 0, 0]).
 macro_rules! load_q4_0 {
     ($xb:expr, $c:expr) => {
@@ -343,6 +354,55 @@ macro_rules! legacy_kernels {
             true,
             false
         );
+        /// Eight interleaved Q4_1 rows ([`BlockQ4_1x8`]) × C Q8_1 activation rows:
+        /// `out[j][i] = dot(row i, act j)`. Per block, each row's integer sum is exact in its
+        /// i32 lane; then `acc += d·dy · sum` and `acc += m · s`, in that order, for every C,
+        /// so a row's bits do not depend on the batch.
+        #[target_feature(enable = $tf)]
+        pub unsafe fn tile_q4_1x8<const C: usize>(
+            w: *const BlockQ4_1x8,
+            y: [*const BlockQ8_1; C],
+            nb: usize,
+            out: &mut [[f32; 8]; C],
+        ) {
+            let c = Consts::new();
+            let mut acc = [_mm256_setzero_ps(); C];
+            let step = std::mem::size_of::<BlockQ4_1x8>();
+            for b in 0..nb {
+                let wb = w.add(b);
+                prefetch_ahead(w as *const u8, b * step, step);
+                let mut sum = [_mm256_setzero_si256(); C];
+                for g in 0..QK / 4 {
+                    let t = _mm_loadu_si128(addr_of!((*wb).qs).cast::<u8>().add(16 * g).cast());
+                    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(t), t), c.low4);
+                    for j in 0..C {
+                        let y4 = read_unaligned(
+                            addr_of!((*y[j].add(b)).qs)
+                                .cast::<u8>()
+                                .add(4 * g)
+                                .cast::<i32>(),
+                        );
+                        sum[j] = dot_u8i8!(sum[j], q, _mm256_set1_epi32(y4), c);
+                    }
+                }
+                let d = _mm256_loadu_ps(addr_of!((*wb).d).cast());
+                let m = _mm256_loadu_ps(addr_of!((*wb).m).cast());
+                for j in 0..C {
+                    let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(
+                        addr_of!((*y[j].add(b)).d).cast::<i32>(),
+                    )));
+                    let dy = _mm256_broadcastss_ps(ds);
+                    let sy =
+                        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(ds), _mm256_set1_epi32(1));
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(sum[j]), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(m, sy, acc[j]);
+                }
+            }
+            for j in 0..C {
+                _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+            }
+        }
     };
 }
 legacy_kernels!("avx2,fma,f16c");
@@ -355,6 +415,12 @@ pub mod vnni {
     use super::*;
 
     /// unsigned x signed byte quads -> 8 f32 partial sums (ggml mul_sum_us8_pairs_float, VNNI).
+    macro_rules! dot_u8i8 {
+        ($acc:expr, $u:expr, $s:expr, $c:expr) => {
+            _mm256_dpbusd_avx_epi32($acc, $u, $s)
+        };
+    }
+
     macro_rules! mul_us8 {
         ($ax:expr, $sy:expr, $c:expr) => {{
             let _ = $c; // the AVX2 version's constants: not needed here

@@ -126,6 +126,45 @@ impl Default for BlockQ8_1 {
     }
 }
 
+/// Eight Q4_1 weight rows' block `b`, interleaved for the x86 kernels: one 32-byte vector holds
+/// four consecutive elements of each of the eight rows, so a byte dot product with four
+/// activation bytes broadcast leaves row i's sum in i32 lane i, with no horizontal sums.
+/// `qs[16g + j]`: low nibble = element `4g + j % 4` of row `j / 4`, high nibble = the same
+/// element of row `4 + j / 4`. The scales are f32 (exact copies of the f16 ones).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ4_1x8 {
+    pub d: [f32; 8],
+    pub m: [f32; 8],
+    pub qs: [u8; 128],
+}
+
+impl BlockQ4_1x8 {
+    /// Interleave block `b` of eight rows (`rows[i]` = row i's blocks).
+    pub fn pack(rows: [&[BlockQ4_1]; 8], b: usize) -> Self {
+        let q = |i: usize, e: usize| {
+            let blk = &rows[i][b];
+            if e < QK / 2 {
+                blk.qs[e] & 0x0F
+            } else {
+                blk.qs[e - QK / 2] >> 4
+            }
+        };
+        let mut qs = [0u8; 128];
+        for g in 0..QK / 4 {
+            for j in 0..16 {
+                let e = 4 * g + j % 4;
+                qs[16 * g + j] = q(j / 4, e) | (q(4 + j / 4, e) << 4);
+            }
+        }
+        Self {
+            d: std::array::from_fn(|i| rows[i][b].d.to_f32()),
+            m: std::array::from_fn(|i| rows[i][b].m.to_f32()),
+            qs,
+        }
+    }
+}
+
 /// Marker for plain-old-data block types: every bit pattern is valid. Weight blocks have
 /// alignment 2 (GGUF bytes are cast to them); `BlockQ8K` (activations only) has 4.
 ///
@@ -141,6 +180,7 @@ unsafe impl Pod for BlockQ8_1 {}
 unsafe impl Pod for BlockQ4K {}
 unsafe impl Pod for BlockQ6K {}
 unsafe impl Pod for BlockQ8K {}
+unsafe impl Pod for BlockQ4_1x8 {}
 
 /// 32-element activation blocks: the scale `d`, and `s` (= d * sum(q)) where the format has
 /// it, else 0.

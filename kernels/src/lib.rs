@@ -32,7 +32,8 @@ mod pool;
 pub mod avx2;
 
 pub use blocks::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QK, QK_K,
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ4_1x8, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0,
+    BlockQ8_1, QK, QK_K,
 };
 pub use pool::{KernelPool, MAX_CHUNKS};
 
@@ -720,6 +721,67 @@ macro_rules! impl_format_k {
 impl_format_k!(BlockQ4K, blocks::vec_dot_q4_k_q8_k_scalar);
 impl_format_k!(BlockQ6K, blocks::vec_dot_q6_k_q8_k_scalar);
 
+/// Q4_1 rows `rows` (below the last full group of eight) from the interleaved copy:
+/// `out[c * out_stride + r - rows.start] = dot(w row r, act c)`. A group only partly in `rows`
+/// is computed whole and the wanted rows copied, so every row always runs the same kernel.
+///
+/// # Safety
+/// `out` valid for those writes; AVX2 (and AVX-VNNI if `vnni`) available; `y` is `m × nb`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_q4_1(
+    packed: &[BlockQ4_1x8],
+    nb: usize,
+    rows: std::ops::Range<usize>,
+    y: &[BlockQ8_1],
+    m: usize,
+    out: *mut f32,
+    out_stride: usize,
+    vnni: bool,
+) {
+    unsafe fn tile<const C: usize>(
+        w: *const BlockQ4_1x8,
+        y: *const BlockQ8_1,
+        nb: usize,
+        c: usize,
+        vnni: bool,
+        o: &mut [[f32; PACK_ROWS]; C],
+    ) {
+        let y = std::array::from_fn(|j| y.add((c + j) * nb));
+        if vnni {
+            avx2::vnni::tile_q4_1x8::<C>(w, y, nb, o)
+        } else {
+            avx2::tile_q4_1x8::<C>(w, y, nb, o)
+        }
+    }
+    let put = |c: usize, g0: usize, o: &[f32; PACK_ROWS]| {
+        for (i, v) in o.iter().enumerate() {
+            let r = g0 + i;
+            if rows.contains(&r) {
+                *out.add(c * out_stride + r - rows.start) = *v;
+            }
+        }
+    };
+    for g in rows.start / PACK_ROWS..rows.end.div_ceil(PACK_ROWS) {
+        let w = packed.as_ptr().add(g * nb);
+        let mut c = 0;
+        while c + TILE_C <= m {
+            let mut o = [[0f32; PACK_ROWS]; TILE_C];
+            tile::<TILE_C>(w, y.as_ptr(), nb, c, vnni, &mut o);
+            for (j, oj) in o.iter().enumerate() {
+                put(c + j, g * PACK_ROWS, oj);
+            }
+            c += TILE_C;
+        }
+        while c < m {
+            let mut o = [[0f32; PACK_ROWS]; 1];
+            tile::<1>(w, y.as_ptr(), nb, c, vnni, &mut o);
+            put(c, g * PACK_ROWS, &o[0]);
+            c += 1;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Weights
 // ---------------------------------------------------------------------------------------------
@@ -732,10 +794,15 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     bytes: Arc<[u8]>,
+    /// Q4_1 on x86 with AVX2: the rows in groups of eight, interleaved ([`BlockQ4_1x8`]),
+    /// `rows / 8 × cols / 32` blocks; the rows after the last full group use `bytes`.
+    packed: Option<Arc<[BlockQ4_1x8]>>,
 }
 
 /// Weight rows per matvec kernel call (the activation block is loaded once per MV_R rows).
 const MV_R: usize = 4;
+/// Rows per interleaved group ([`BlockQ4_1x8`]); chunks of a product start at multiples of it.
+const PACK_ROWS: usize = 8;
 /// Matmul (m >= TILE_C) tile: TILE_R weight rows × TILE_C activation rows (measured on Zen 3:
 /// 2×4 beats 4×2, 2×3, 3×3; 4×1 for m = 1).
 const TILE_R: usize = 2;
@@ -778,11 +845,21 @@ impl QWeight {
             // Arc's data is always at least 8-aligned; a copy fixes a foreign allocation.
             bytes = Arc::from(&bytes[..]);
         }
+        let packed = (dtype == QType::Q4_1 && has_avx2() && rows >= PACK_ROWS).then(|| {
+            let (nb, w) = (cols / bs, blocks::cast_blocks::<BlockQ4_1>(&bytes));
+            (0..rows / PACK_ROWS)
+                .flat_map(|g| {
+                    let r = std::array::from_fn(|i| &w[(g * PACK_ROWS + i) * nb..][..nb]);
+                    (0..nb).map(move |b| BlockQ4_1x8::pack(r, b))
+                })
+                .collect()
+        });
         Ok(Self {
             dtype,
             rows,
             cols,
             bytes,
+            packed,
         })
     }
 
@@ -983,6 +1060,28 @@ impl QWeight {
         out_stride: usize,
     ) {
         let (nb, m, b) = (self.cols / self.dtype.block_size(), x.m(), &self.bytes[..]);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(packed), Isa::Avx2 | Isa::AvxVnni) = (&self.packed, isa) {
+            let full = self.rows / PACK_ROWS * PACK_ROWS;
+            if rows.start < full {
+                let vnni = isa == Isa::AvxVnni;
+                packed_q4_1(
+                    packed,
+                    nb,
+                    rows.start..rows.end.min(full),
+                    x.q8_1(),
+                    m,
+                    out,
+                    out_stride,
+                    vnni,
+                );
+                if rows.end <= full {
+                    return;
+                }
+                let done = full - rows.start;
+                return self.rows_dyn(isa, x, full..rows.end, out.add(done), out_stride);
+            }
+        }
         // Every format runs the same row loop over its own blocks and activation blocks.
         macro_rules! rows {
             ($block:ty, $acts:expr) => {
@@ -1076,7 +1175,10 @@ fn matmul_multi_isa(
     let mut n_chunks = 0;
     for (k, w) in ws.iter().enumerate() {
         let per_row = (w.cols / QK * m).max(1);
-        let chunk_rows = target.div_ceil(per_row).next_multiple_of(MV_R).max(MV_R);
+        let chunk_rows = target
+            .div_ceil(per_row)
+            .next_multiple_of(PACK_ROWS)
+            .max(PACK_ROWS);
         plan[k] = (n_chunks, chunk_rows);
         n_chunks += w.rows.div_ceil(chunk_rows);
     }
