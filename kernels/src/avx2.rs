@@ -112,6 +112,17 @@ macro_rules! dot_u8i8 {
     };
 }
 
+/// `acc` + the sums of four signed x signed byte products per i32 lane, as ggml does it on
+/// AVX2: |x| times y with x's sign (pairs of products stay below the i16 saturation).
+macro_rules! dot_s8s8 {
+    ($acc:expr, $x:expr, $y:expr, $c:expr) => {{
+        let x = $x;
+        dot_u8i8!($acc, _mm256_sign_epi8(x, x), _mm256_sign_epi8($y, x), $c)
+    }};
+}
+/// What [`dot_s8s8`] adds to each lane per unit of `Σ y` (nothing: it is exact as it is).
+const S8_OFFSET: i32 = 0;
+
 // Per-format loaders: (quants as bytes, scale vector [d, m?, 0, 0]).
 macro_rules! load_q4_0 {
     ($xb:expr, $c:expr) => {
@@ -354,20 +365,20 @@ macro_rules! legacy_kernels {
             true,
             false
         );
-        /// Eight interleaved Q4_1 rows ([`BlockQ4_1x8`]) × C Q8_1 activation rows:
+        /// Eight interleaved Q4_1 rows ([`NibblesX8`]) × C Q8_1 activation rows:
         /// `out[j][i] = dot(row i, act j)`. Per block, each row's integer sum is exact in its
         /// i32 lane; then `acc += d·dy · sum` and `acc += m · s`, in that order, for every C,
         /// so a row's bits do not depend on the batch.
         #[target_feature(enable = $tf)]
         pub unsafe fn tile_q4_1x8<const C: usize>(
-            w: *const BlockQ4_1x8,
+            w: *const NibblesX8,
             y: [*const BlockQ8_1; C],
             nb: usize,
             out: &mut [[f32; 8]; C],
         ) {
             let c = Consts::new();
             let mut acc = [_mm256_setzero_ps(); C];
-            let step = std::mem::size_of::<BlockQ4_1x8>();
+            let step = std::mem::size_of::<NibblesX8>();
             for b in 0..nb {
                 let wb = w.add(b);
                 prefetch_ahead(w as *const u8, b * step, step);
@@ -385,8 +396,8 @@ macro_rules! legacy_kernels {
                         sum[j] = dot_u8i8!(sum[j], q, _mm256_set1_epi32(y4), c);
                     }
                 }
-                let d = _mm256_loadu_ps(addr_of!((*wb).d).cast());
-                let m = _mm256_loadu_ps(addr_of!((*wb).m).cast());
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(addr_of!((*wb).d).cast()));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(addr_of!((*wb).m).cast()));
                 for j in 0..C {
                     let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(
                         addr_of!((*y[j].add(b)).d).cast::<i32>(),
@@ -397,6 +408,59 @@ macro_rules! legacy_kernels {
                     acc[j] =
                         _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(sum[j]), acc[j]);
                     acc[j] = _mm256_fmadd_ps(m, sy, acc[j]);
+                }
+            }
+            for j in 0..C {
+                _mm256_storeu_ps(out[j].as_mut_ptr(), acc[j]);
+            }
+        }
+
+        /// Eight interleaved byte rows ([`BytesX8`]: Q5_0 unsigned with `OFFSET` 16, Q8_0
+        /// `SIGNED`) × C Q8_0 activation rows, `ysum[j]` holding activation j's per-block sums
+        /// of quants: `out[j][i] = dot(row i, act j)`. Per block each row's integer sum is exact
+        /// in its lane (an offset comes off as `offset · Σ y`), then `acc += d·dy · sum`.
+        #[target_feature(enable = $tf)]
+        pub unsafe fn tile_bytes_x8<const C: usize, const SIGNED: bool, const OFFSET: i32>(
+            w: *const BytesX8,
+            y: [*const BlockQ8_0; C],
+            ysum: [*const i32; C],
+            nb: usize,
+            out: &mut [[f32; 8]; C],
+        ) {
+            let c = Consts::new();
+            let mut acc = [_mm256_setzero_ps(); C];
+            let step = std::mem::size_of::<BytesX8>();
+            let offset = if SIGNED { S8_OFFSET } else { OFFSET };
+            for b in 0..nb {
+                let wb = w.add(b);
+                prefetch_ahead(w as *const u8, b * step, step);
+                let mut sum = [_mm256_setzero_si256(); C];
+                for g in 0..QK / 4 {
+                    let q = _mm256_loadu_si256(addr_of!((*wb).qs).cast::<u8>().add(32 * g).cast());
+                    for j in 0..C {
+                        let y4 = read_unaligned(
+                            addr_of!((*y[j].add(b)).qs)
+                                .cast::<u8>()
+                                .add(4 * g)
+                                .cast::<i32>(),
+                        );
+                        let yb = _mm256_set1_epi32(y4);
+                        sum[j] = if SIGNED {
+                            dot_s8s8!(sum[j], q, yb, c)
+                        } else {
+                            dot_u8i8!(sum[j], q, yb, c)
+                        };
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(addr_of!((*wb).d).cast()));
+                for j in 0..C {
+                    if offset != 0 {
+                        sum[j] =
+                            _mm256_sub_epi32(sum[j], _mm256_set1_epi32(offset * *ysum[j].add(b)));
+                    }
+                    let dy = _mm256_set1_ps(_mm_cvtss_f32(ld_f16!(addr_of!((*y[j].add(b)).d))));
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_mul_ps(d, dy), _mm256_cvtepi32_ps(sum[j]), acc[j]);
                 }
             }
             for j in 0..C {
@@ -416,10 +480,22 @@ pub mod vnni {
 
     /// unsigned x signed byte quads -> 8 f32 partial sums (ggml mul_sum_us8_pairs_float, VNNI).
     macro_rules! dot_u8i8 {
-        ($acc:expr, $u:expr, $s:expr, $c:expr) => {
+        ($acc:expr, $u:expr, $s:expr, $c:expr) => {{
+            let _ = &$c; // the AVX2 version's constants: not needed here
             _mm256_dpbusd_avx_epi32($acc, $u, $s)
-        };
+        }};
     }
+
+    /// Signed x signed through `vpdpbusd`: x + 128 is unsigned, so each lane gains
+    /// `128 · Σ y` ([`S8_OFFSET`]), which the caller takes off the block's exact sum.
+    macro_rules! dot_s8s8 {
+        ($acc:expr, $x:expr, $y:expr, $c:expr) => {{
+            let _ = &$c;
+            _mm256_dpbusd_avx_epi32($acc, _mm256_xor_si256($x, _mm256_set1_epi8(-128)), $y)
+        }};
+    }
+    /// See [`dot_s8s8`].
+    const S8_OFFSET: i32 = 128;
 
     macro_rules! mul_us8 {
         ($ax:expr, $sy:expr, $c:expr) => {{

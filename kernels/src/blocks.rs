@@ -126,41 +126,84 @@ impl Default for BlockQ8_1 {
     }
 }
 
-/// Eight Q4_1 weight rows' block `b`, interleaved for the x86 kernels: one 32-byte vector holds
+/// Block `b` of eight weight rows, interleaved for the x86 kernels: one 32-byte vector holds
 /// four consecutive elements of each of the eight rows, so a byte dot product with four
 /// activation bytes broadcast leaves row i's sum in i32 lane i, with no horizontal sums.
-/// `qs[16g + j]`: low nibble = element `4g + j % 4` of row `j / 4`, high nibble = the same
-/// element of row `4 + j / 4`. The scales are f32 (exact copies of the f16 ones).
+///
+/// Q4_1 ([`NibblesX8`]): `qs[16g + j]`: low nibble = element `4g + j % 4` of row `j / 4`, high
+/// nibble = the same element of row `4 + j / 4`. The scales and minimums stay f16, so the
+/// copy is no larger than the GGUF rows (20 bytes per row and block; the decode streams it).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
-pub struct BlockQ4_1x8 {
-    pub d: [f32; 8],
-    pub m: [f32; 8],
+pub struct NibblesX8 {
+    pub d: [f16; 8],
+    pub m: [f16; 8],
     pub qs: [u8; 128],
 }
 
-impl BlockQ4_1x8 {
-    /// Interleave block `b` of eight rows (`rows[i]` = row i's blocks).
-    pub fn pack(rows: [&[BlockQ4_1]; 8], b: usize) -> Self {
-        let q = |i: usize, e: usize| {
-            let blk = &rows[i][b];
-            if e < QK / 2 {
-                blk.qs[e] & 0x0F
-            } else {
-                blk.qs[e - QK / 2] >> 4
-            }
-        };
-        let mut qs = [0u8; 128];
-        for g in 0..QK / 4 {
-            for j in 0..16 {
-                let e = 4 * g + j % 4;
-                qs[16 * g + j] = q(j / 4, e) | (q(4 + j / 4, e) << 4);
-            }
-        }
+/// Q5_0 and Q8_0 rows interleaved as [`NibblesX8`], one byte per element:
+/// `qs[32g + 4i + k]` = element `4g + k` of row `i`, Q5_0's unsigned 5-bit value (the weight is
+/// `d · (q − 16)`) or Q8_0's signed byte. The scales stay f16, so the copy is no larger than
+/// the GGUF rows (34 bytes per row and block for both; the decode streams it).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BytesX8 {
+    pub d: [f16; 8],
+    pub qs: [u8; 256],
+}
+
+/// `q(i, e)` = element e's stored value in row i, over the 32 elements of eight rows, in the
+/// interleaved order of [`BytesX8`] (and, two rows to a byte, of [`NibblesX8`]).
+fn interleave(q: impl Fn(usize, usize) -> u8) -> [u8; 256] {
+    std::array::from_fn(|at| {
+        let (g, j) = (at / 32, at % 32);
+        q(j / 4, 4 * g + j % 4)
+    })
+}
+
+/// The 4-bit (or 5-bit with `qh`) value of element e of a 32-element block.
+fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
+    if e < QK / 2 {
+        qs[e] & 0x0F
+    } else {
+        qs[e - QK / 2] >> 4
+    }
+}
+
+impl NibblesX8 {
+    /// Block `b` of eight Q4_1 rows (`rows[i]` = row i's blocks).
+    pub fn pack_q4_1(rows: [&[BlockQ4_1]; 8], b: usize) -> Self {
+        let bytes = interleave(|i, e| nibble(&rows[i][b].qs, e));
+        // Rows 0..4 of a group of four elements (16 bytes) in the low nibbles, rows 4..8 high.
+        let qs = std::array::from_fn(|at| {
+            let (g, j) = (at / 16, at % 16);
+            bytes[32 * g + j] | (bytes[32 * g + 16 + j] << 4)
+        });
         Self {
-            d: std::array::from_fn(|i| rows[i][b].d.to_f32()),
-            m: std::array::from_fn(|i| rows[i][b].m.to_f32()),
+            d: std::array::from_fn(|i| rows[i][b].d),
+            m: std::array::from_fn(|i| rows[i][b].m),
             qs,
+        }
+    }
+}
+
+impl BytesX8 {
+    /// Block `b` of eight Q5_0 rows: the 5-bit values, unsigned.
+    pub fn pack_q5_0(rows: [&[BlockQ5_0]; 8], b: usize) -> Self {
+        Self {
+            d: std::array::from_fn(|i| rows[i][b].d),
+            qs: interleave(|i, e| {
+                let blk = &rows[i][b];
+                nibble(&blk.qs, e) | ((((u32::from_le_bytes(blk.qh) >> e) & 1) as u8) << 4)
+            }),
+        }
+    }
+
+    /// Block `b` of eight Q8_0 rows: the signed bytes as they are.
+    pub fn pack_q8_0(rows: [&[BlockQ8_0]; 8], b: usize) -> Self {
+        Self {
+            d: std::array::from_fn(|i| rows[i][b].d),
+            qs: interleave(|i, e| rows[i][b].qs[e] as u8),
         }
     }
 }
@@ -180,7 +223,8 @@ unsafe impl Pod for BlockQ8_1 {}
 unsafe impl Pod for BlockQ4K {}
 unsafe impl Pod for BlockQ6K {}
 unsafe impl Pod for BlockQ8K {}
-unsafe impl Pod for BlockQ4_1x8 {}
+unsafe impl Pod for NibblesX8 {}
+unsafe impl Pod for BytesX8 {}
 
 /// 32-element activation blocks: the scale `d`, and `s` (= d * sum(q)) where the format has
 /// it, else 0.

@@ -16,12 +16,17 @@
 //! w.matmul(pool, &xs, m, &mut out_m);                            // xs m×cols -> out m×rows
 //! ```
 //!
-//! * Decode (m = 1): MV_R = 4 rows per kernel call share each activation block; software
-//!   prefetch along the (linear) weight stream.
-//! * Small batches (m >= 4): 2 rows × 4 activations tiles (~1.4× faster per row than m = 1).
-//!   Measured faster than candle's `QMatMul` (Q4_1 or Q8_0) at every m up to 128 and on par
-//!   with candle's f32 matmul on pre-dequantized weights, so there is no crossover to candle
-//!   for these formats.
+//! * Q4_1, Q5_0 and Q8_0 (x86): at load the rows are interleaved in groups of eight
+//!   ([`NibblesX8`], [`BytesX8`], no larger than the GGUF rows), so one byte dot product
+//!   against four broadcast activation bytes leaves each row's exact block sum in its own lane,
+//!   and one float update per block serves eight rows. Every m runs the same kernel per row
+//!   (tiles of 8 rows × 4 activations, then one activation at a time), so a row's bits never
+//!   depend on the batch. On a Sapphire Rapids core with AVX-VNNI: ~57 GMAC/s at m = 1 and
+//!   ~105 at m >= 4, against 28 and 39 for the per-row kernels below.
+//! * Other formats, and the rows after the last group of eight: MV_R = 4 rows per kernel call
+//!   share each activation block (m < 4); 2 rows × 4 activations tiles (m >= 4).
+//! * AVX-VNNI (`vpdpbusd`) where the CPU has it, for the same exact integer sums as AVX2's
+//!   `maddubs` + `madd`: the same bits on either (`LM_KERNELS_NO_VNNI=1` compares).
 //! * `LM_KERNELS_SCALAR=1` forces the portable scalar path.
 
 pub mod attention;
@@ -32,12 +37,12 @@ mod pool;
 pub mod avx2;
 
 pub use blocks::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ4_1x8, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0,
-    BlockQ8_1, QK, QK_K,
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, BytesX8,
+    NibblesX8, QK, QK_K,
 };
 pub use pool::{KernelPool, MAX_CHUNKS};
 
-use blocks::Pod;
+use blocks::{cast_blocks, Pod};
 use std::sync::Arc;
 
 /// True when the AVX2 + FMA + F16C kernels can be used on this CPU.
@@ -214,6 +219,8 @@ pub struct QuantizedActivation {
     m: usize,
     cols: usize,
     q8_0: Vec<BlockQ8_0>,
+    /// Q8_0: each block's sum of quants (the interleaved kernels take an offset off with it).
+    q8_0_sums: Vec<i32>,
     q8_1: Vec<BlockQ8_1>,
     q8_k: Vec<BlockQ8K>,
 }
@@ -225,6 +232,7 @@ impl Default for QuantizedActivation {
             m: 0,
             cols: 0,
             q8_0: Vec::new(),
+            q8_0_sums: Vec::new(),
             q8_1: Vec::new(),
             q8_k: Vec::new(),
         }
@@ -259,6 +267,12 @@ impl QuantizedActivation {
             ActKind::Q8_0 => {
                 self.q8_0.resize(nb, BlockQ8_0::default());
                 quantize_q8_0(isa, xs, &mut self.q8_0);
+                self.q8_0_sums.clear();
+                self.q8_0_sums.extend(
+                    self.q8_0
+                        .iter()
+                        .map(|b| b.qs.iter().map(|&q| q as i32).sum::<i32>()),
+                );
             }
             ActKind::Q8_1 => {
                 self.q8_1.resize(nb, BlockQ8_1::default());
@@ -285,6 +299,14 @@ impl QuantizedActivation {
     pub fn q8_0(&self) -> &[BlockQ8_0] {
         if self.kind == ActKind::Q8_0 {
             &self.q8_0[..self.m * self.cols / QK]
+        } else {
+            &[]
+        }
+    }
+    /// Each Q8_0 block's sum of quants (empty unless `kind() == Q8_0`).
+    pub fn q8_0_sums(&self) -> &[i32] {
+        if self.kind == ActKind::Q8_0 {
+            &self.q8_0_sums[..self.m * self.cols / QK]
         } else {
             &[]
         }
@@ -721,37 +743,55 @@ macro_rules! impl_format_k {
 impl_format_k!(BlockQ4K, blocks::vec_dot_q4_k_q8_k_scalar);
 impl_format_k!(BlockQ6K, blocks::vec_dot_q6_k_q8_k_scalar);
 
-/// Q4_1 rows `rows` (below the last full group of eight) from the interleaved copy:
+/// Rows `rows` (below the last full group of eight) from the interleaved copy:
 /// `out[c * out_stride + r - rows.start] = dot(w row r, act c)`. A group only partly in `rows`
 /// is computed whole and the wanted rows copied, so every row always runs the same kernel.
 ///
 /// # Safety
-/// `out` valid for those writes; AVX2 (and AVX-VNNI if `vnni`) available; `y` is `m × nb`.
+/// `out` valid for those writes; AVX2 (and AVX-VNNI if `vnni`) available; `x` checked.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn packed_q4_1(
-    packed: &[BlockQ4_1x8],
+unsafe fn packed_rows(
+    packed: &Packed,
+    x: &QuantizedActivation,
     nb: usize,
     rows: std::ops::Range<usize>,
-    y: &[BlockQ8_1],
-    m: usize,
     out: *mut f32,
     out_stride: usize,
     vnni: bool,
 ) {
-    unsafe fn tile<const C: usize>(
-        w: *const BlockQ4_1x8,
-        y: *const BlockQ8_1,
+    /// Group `g`'s eight rows × activations `c..c + C`.
+    unsafe fn group<const C: usize>(
+        packed: &Packed,
+        x: &QuantizedActivation,
         nb: usize,
+        g: usize,
         c: usize,
         vnni: bool,
         o: &mut [[f32; PACK_ROWS]; C],
     ) {
-        let y = std::array::from_fn(|j| y.add((c + j) * nb));
-        if vnni {
-            avx2::vnni::tile_q4_1x8::<C>(w, y, nb, o)
-        } else {
-            avx2::tile_q4_1x8::<C>(w, y, nb, o)
+        let at = |j: usize| (c + j) * nb;
+        match packed {
+            Packed::Q4_1(w) => {
+                let (w, y) = (w.as_ptr().add(g * nb), x.q8_1().as_ptr());
+                let y = std::array::from_fn(|j| y.add(at(j)));
+                if vnni {
+                    avx2::vnni::tile_q4_1x8::<C>(w, y, nb, o)
+                } else {
+                    avx2::tile_q4_1x8::<C>(w, y, nb, o)
+                }
+            }
+            Packed::Q5_0(w) | Packed::Q8_0(w) => {
+                let w = w.as_ptr().add(g * nb);
+                let (y, s) = (x.q8_0().as_ptr(), x.q8_0_sums().as_ptr());
+                let y = std::array::from_fn(|j| y.add(at(j)));
+                let s = std::array::from_fn(|j| s.add(at(j)));
+                match (matches!(packed, Packed::Q8_0(_)), vnni) {
+                    (true, true) => avx2::vnni::tile_bytes_x8::<C, true, 0>(w, y, s, nb, o),
+                    (true, false) => avx2::tile_bytes_x8::<C, true, 0>(w, y, s, nb, o),
+                    (false, true) => avx2::vnni::tile_bytes_x8::<C, false, 16>(w, y, s, nb, o),
+                    (false, false) => avx2::tile_bytes_x8::<C, false, 16>(w, y, s, nb, o),
+                }
+            }
         }
     }
     let put = |c: usize, g0: usize, o: &[f32; PACK_ROWS]| {
@@ -762,12 +802,12 @@ unsafe fn packed_q4_1(
             }
         }
     };
+    let m = x.m();
     for g in rows.start / PACK_ROWS..rows.end.div_ceil(PACK_ROWS) {
-        let w = packed.as_ptr().add(g * nb);
         let mut c = 0;
         while c + TILE_C <= m {
             let mut o = [[0f32; PACK_ROWS]; TILE_C];
-            tile::<TILE_C>(w, y.as_ptr(), nb, c, vnni, &mut o);
+            group::<TILE_C>(packed, x, nb, g, c, vnni, &mut o);
             for (j, oj) in o.iter().enumerate() {
                 put(c + j, g * PACK_ROWS, oj);
             }
@@ -775,7 +815,7 @@ unsafe fn packed_q4_1(
         }
         while c < m {
             let mut o = [[0f32; PACK_ROWS]; 1];
-            tile::<1>(w, y.as_ptr(), nb, c, vnni, &mut o);
+            group::<1>(packed, x, nb, g, c, vnni, &mut o);
             put(c, g * PACK_ROWS, &o[0]);
             c += 1;
         }
@@ -794,9 +834,47 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     bytes: Arc<[u8]>,
-    /// Q4_1 on x86 with AVX2: the rows in groups of eight, interleaved ([`BlockQ4_1x8`]),
-    /// `rows / 8 × cols / 32` blocks; the rows after the last full group use `bytes`.
-    packed: Option<Arc<[BlockQ4_1x8]>>,
+    /// On x86 with AVX2, Q4_1, Q5_0 and Q8_0 rows in groups of eight, interleaved
+    /// ([`NibblesX8`], [`BytesX8`]), `rows / 8 × cols / 32` blocks; the rows after the last full group use
+    /// `bytes`.
+    packed: Option<Packed>,
+}
+
+/// A weight's interleaved copy, by format.
+#[derive(Clone, Debug)]
+enum Packed {
+    Q4_1(Arc<[NibblesX8]>),
+    Q5_0(Arc<[BytesX8]>),
+    Q8_0(Arc<[BytesX8]>),
+}
+
+impl Packed {
+    /// The interleaved copy of `rows × nb` blocks of `dtype`, where there is a kernel for it.
+    fn new(dtype: QType, rows: usize, nb: usize, bytes: &[u8]) -> Option<Self> {
+        fn groups<X: Pod, P>(
+            w: &[X],
+            rows: usize,
+            nb: usize,
+            pack: fn([&[X]; PACK_ROWS], usize) -> P,
+        ) -> Arc<[P]> {
+            (0..rows / PACK_ROWS)
+                .flat_map(|g| {
+                    let r = std::array::from_fn(|i| &w[(g * PACK_ROWS + i) * nb..][..nb]);
+                    (0..nb).map(move |b| pack(r, b))
+                })
+                .collect()
+        }
+        if !has_avx2() || rows < PACK_ROWS {
+            return None;
+        }
+        let w = bytes;
+        Some(match dtype {
+            QType::Q4_1 => Packed::Q4_1(groups(cast_blocks(w), rows, nb, NibblesX8::pack_q4_1)),
+            QType::Q5_0 => Packed::Q5_0(groups(cast_blocks(w), rows, nb, BytesX8::pack_q5_0)),
+            QType::Q8_0 => Packed::Q8_0(groups(cast_blocks(w), rows, nb, BytesX8::pack_q8_0)),
+            _ => return None,
+        })
+    }
 }
 
 /// Weight rows per matvec kernel call (the activation block is loaded once per MV_R rows).
@@ -845,15 +923,7 @@ impl QWeight {
             // Arc's data is always at least 8-aligned; a copy fixes a foreign allocation.
             bytes = Arc::from(&bytes[..]);
         }
-        let packed = (dtype == QType::Q4_1 && has_avx2() && rows >= PACK_ROWS).then(|| {
-            let (nb, w) = (cols / bs, blocks::cast_blocks::<BlockQ4_1>(&bytes));
-            (0..rows / PACK_ROWS)
-                .flat_map(|g| {
-                    let r = std::array::from_fn(|i| &w[(g * PACK_ROWS + i) * nb..][..nb]);
-                    (0..nb).map(move |b| BlockQ4_1x8::pack(r, b))
-                })
-                .collect()
-        });
+        let packed = Packed::new(dtype, rows, cols / bs, &bytes);
         Ok(Self {
             dtype,
             rows,
@@ -1065,16 +1135,8 @@ impl QWeight {
             let full = self.rows / PACK_ROWS * PACK_ROWS;
             if rows.start < full {
                 let vnni = isa == Isa::AvxVnni;
-                packed_q4_1(
-                    packed,
-                    nb,
-                    rows.start..rows.end.min(full),
-                    x.q8_1(),
-                    m,
-                    out,
-                    out_stride,
-                    vnni,
-                );
+                let part = rows.start..rows.end.min(full);
+                packed_rows(packed, x, nb, part, out, out_stride, vnni);
                 if rows.end <= full {
                     return;
                 }

@@ -1005,23 +1005,25 @@ fn tmp_timing() {
     let pool = KernelPool::new(1);
     let mut rng = Rng::new(1);
     let (rows, cols) = (1536, 576);
-    let w = QWeight::from_f32(QType::Q4_1, rows, cols, &rng.vec(rows * cols)).unwrap();
-    for m in [1usize, 4, 8, 64] {
-        let xs = rng.vec(m * cols);
-        let xq = QuantizedActivation::new(ActKind::Q8_1, &xs, m, cols);
-        let mut out = vec![0f32; m * rows];
-        for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx2, Isa::AvxVnni] {
-            let n = 20000 / m;
-            let t = std::time::Instant::now();
-            for _ in 0..n {
-                w.matmul_isa(isa, &pool, &xq, &mut out);
+    for dt in [QType::Q4_1, QType::Q8_0, QType::Q5_0] {
+        let w = QWeight::from_f32(dt, rows, cols, &rng.vec(rows * cols)).unwrap();
+        for m in [1usize, 4, 8, 64] {
+            let xs = rng.vec(m * cols);
+            let xq = QuantizedActivation::new(w.act_kind(), &xs, m, cols);
+            let mut out = vec![0f32; m * rows];
+            for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx2, Isa::AvxVnni] {
+                let n = 20000 / m;
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    w.matmul_isa(isa, &pool, &xq, &mut out);
+                }
+                let dt = t.elapsed().as_secs_f64() / n as f64;
+                eprintln!(
+                    "m={m} {isa:?}: {:.1} us, {:.1} GMAC/s",
+                    dt * 1e6,
+                    (rows * cols * m) as f64 / dt / 1e9
+                );
             }
-            let dt = t.elapsed().as_secs_f64() / n as f64;
-            eprintln!(
-                "m={m} {isa:?}: {:.1} us, {:.1} GMAC/s",
-                dt * 1e6,
-                (rows * cols * m) as f64 / dt / 1e9
-            );
         }
     }
 }
