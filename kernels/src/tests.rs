@@ -999,30 +999,38 @@ fn vnni_kernels_give_the_avx2_bits() {
     }
 }
 
+/// The interleaved copies hold each row's elements where their docs say: element `4g + k` of
+/// row `i` at byte `32g + 4i + k` (Q4_1: rows 0–3 low nibbles of bytes `16g + 4i + k`, rows
+/// 4–7 the high ones), with each row's own scales.
 #[test]
-#[ignore]
-fn tmp_timing() {
-    let pool = KernelPool::new(1);
-    let mut rng = Rng::new(1);
-    let (rows, cols) = (1536, 576);
-    for dt in [QType::Q4_1, QType::Q8_0, QType::Q5_0] {
-        let w = QWeight::from_f32(dt, rows, cols, &rng.vec(rows * cols)).unwrap();
-        for m in [1usize, 4, 8, 64] {
-            let xs = rng.vec(m * cols);
-            let xq = QuantizedActivation::new(w.act_kind(), &xs, m, cols);
-            let mut out = vec![0f32; m * rows];
-            for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx2, Isa::AvxVnni] {
-                let n = 20000 / m;
-                let t = std::time::Instant::now();
-                for _ in 0..n {
-                    w.matmul_isa(isa, &pool, &xq, &mut out);
-                }
-                let dt = t.elapsed().as_secs_f64() / n as f64;
-                eprintln!(
-                    "m={m} {isa:?}: {:.1} us, {:.1} GMAC/s",
-                    dt * 1e6,
-                    (rows * cols * m) as f64 / dt / 1e9
-                );
+fn interleaved_groups_hold_each_rows_elements() {
+    let mut rng = Rng::new(88);
+    let nb = 3;
+    let q41: Vec<BlockQ4_1> = (0..8 * nb).map(|_| rng.q4_1()).collect();
+    let q50: Vec<BlockQ5_0> = (0..8 * nb).map(|_| rng.q5_0()).collect();
+    let q80: Vec<BlockQ8_0> = (0..8 * nb).map(|_| rng.q8_0()).collect();
+    let rows = |i: usize| i * nb..(i + 1) * nb;
+    for b in 0..nb {
+        let p41 = NibblesX8::pack_q4_1(std::array::from_fn(|i| &q41[rows(i)]), b);
+        let p50 = BytesX8::pack_q5_0(std::array::from_fn(|i| &q50[rows(i)]), b);
+        let p80 = BytesX8::pack_q8_0(std::array::from_fn(|i| &q80[rows(i)]), b);
+        for i in 0..8 {
+            let mut w41 = [0f32; QK];
+            blocks::dequantize_row_q4_1(&q41[i * nb + b..][..1], &mut w41);
+            let mut w50 = [0f32; QK];
+            blocks::dequantize_row_q5_0(&q50[i * nb + b..][..1], &mut w50);
+            let mut w80 = [0f32; QK];
+            blocks::dequantize_row_q8_0(&q80[i * nb + b..][..1], &mut w80);
+            for e in 0..QK {
+                let (g, k) = (e / 4, e % 4);
+                let byte = p41.qs[16 * g + 4 * (i % 4) + k];
+                let n41 = if i < 4 { byte & 0x0F } else { byte >> 4 };
+                let got41 = n41 as f32 * p41.d[i].to_f32() + p41.m[i].to_f32();
+                assert_eq!(got41, w41[e], "Q4_1 row {i} element {e}");
+                let got50 = (p50.qs[32 * g + 4 * i + k] as f32 - 16.0) * p50.d[i].to_f32();
+                assert_eq!(got50, w50[e], "Q5_0 row {i} element {e}");
+                let got80 = p80.qs[32 * g + 4 * i + k] as i8 as f32 * p80.d[i].to_f32();
+                assert_eq!(got80, w80[e], "Q8_0 row {i} element {e}");
             }
         }
     }
