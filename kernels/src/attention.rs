@@ -203,27 +203,57 @@ unsafe fn queries_avx2(
         sc[query.at + 1 - lo..].fill(f32::NEG_INFINITY);
         let sum = softmax_weights_avx2(sc);
         // The weighted values, 64 dimensions (8 vectors) at a time, accumulated in registers.
-        let inv = _mm256_set1_ps(1.0 / sum);
+        let inv = 1.0 / sum;
+        let weights = &sc[first - lo..][..query.at + 1 - first];
+        let vs = v.as_ptr().add(first * d);
         for c0 in (0..d).step_by(64) {
-            let width = (d - c0).min(64) / 8;
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (j, &p) in (first..=query.at).zip(&sc[first - lo..]) {
-                if p == 0.0 {
-                    continue;
-                }
-                let pv = _mm256_set1_ps(p);
-                let vr = v.as_ptr().add(j * d + c0);
-                for (u, a) in acc[..width].iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr.add(u * 8)), *a);
-                }
-            }
-            for (u, a) in acc[..width].iter().enumerate() {
-                _mm256_storeu_ps(
-                    query.out.as_mut_ptr().add(c0 + u * 8),
-                    _mm256_mul_ps(*a, inv),
-                );
+            let out = query.out.as_mut_ptr().add(c0);
+            let vs = vs.add(c0);
+            match (d - c0).min(64) / 8 {
+                8 => weighted_values::<8>(weights, vs, d, inv, out),
+                7 => weighted_values::<7>(weights, vs, d, inv, out),
+                6 => weighted_values::<6>(weights, vs, d, inv, out),
+                5 => weighted_values::<5>(weights, vs, d, inv, out),
+                4 => weighted_values::<4>(weights, vs, d, inv, out),
+                3 => weighted_values::<3>(weights, vs, d, inv, out),
+                2 => weighted_values::<2>(weights, vs, d, inv, out),
+                _ => weighted_values::<1>(weights, vs, d, inv, out),
             }
         }
+    }
+}
+
+/// `out[..8W] = inv · Σ_j weights[j] · v[j][..8W]` for the value rows `v[j]` at `vs + j·d`.
+/// The width is a constant so the W accumulators stay in registers (a slice of a fixed array
+/// kept them in memory: a load and a store around every multiply-add).
+///
+/// # Safety
+/// AVX2 and FMA available; `vs` valid for `weights.len()` rows of `d` floats from which `8W`
+/// are read; `out` valid for `8W` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_values<const W: usize>(
+    weights: &[f32],
+    vs: *const f32,
+    d: usize,
+    inv: f32,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); W];
+    for (j, &p) in weights.iter().enumerate() {
+        if p == 0.0 {
+            continue;
+        }
+        let pv = _mm256_set1_ps(p);
+        let vr = vs.add(j * d);
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr.add(u * 8)), *a);
+        }
+    }
+    let inv = _mm256_set1_ps(inv);
+    for (u, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(u * 8), _mm256_mul_ps(*a, inv));
     }
 }
 
