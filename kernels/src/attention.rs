@@ -6,6 +6,9 @@
 //! as a cold one; a multi-query gemm rounds differently for different row counts.
 
 #[cfg(target_arch = "x86_64")]
+use crate::exp::exp_avx2;
+use crate::exp::NEGLIGIBLE;
+#[cfg(target_arch = "x86_64")]
 use crate::has_avx2;
 use crate::KernelPool;
 use std::cell::RefCell;
@@ -291,40 +294,6 @@ unsafe fn softmax_weights_avx2(scores: &mut [f32]) -> f32 {
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-/// `exp(x)` for `x` in `[NEGLIGIBLE, 0]`: `2^n · e^r` with `n = round(x / ln 2)`, `r` reduced
-/// in two steps and `e^r` by Cephes' degree-7 polynomial.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(
-        y,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-}
-
 /// Turns scores into unnormalised softmax weights in place; returns their sum.
 #[inline(always)]
 fn softmax_weights(scores: &mut [f32]) -> f32 {
@@ -381,9 +350,6 @@ fn row(
         *o *= inv;
     }
 }
-
-/// Scores this far (nats) below a row's best key get no weight.
-const NEGLIGIBLE: f32 = -60.0;
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,7 @@
 
 pub mod attention;
 pub mod blocks;
+mod exp;
 mod pool;
 
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +41,7 @@ pub use blocks::{
     BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, BytesX8,
     NibblesX8, QK, QK_K,
 };
+pub use exp::exp_moments;
 pub use pool::{KernelPool, MAX_CHUNKS};
 
 use blocks::{cast_blocks, Pod};

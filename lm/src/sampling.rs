@@ -304,15 +304,8 @@ impl Scaled {
         let inv_t = if greedy { 1.0 } else { 1.0 / temperature };
         let z: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (mut sum, mut ez, mut ediff) = (0f64, 0f64, 0f64);
-        for (i, &x) in z.iter().enumerate() {
-            let e = (x - max).exp() as f64;
-            sum += e;
-            ez += e * x as f64;
-            if let Some(q) = prev {
-                ediff += e * (x - q.z[i]) as f64;
-            }
-        }
+        // One vectorised exp pass over the vocabulary (262k entries for Gemma, every step).
+        let (sum, ez, ediff) = mm_kernels::exp_moments(&z, max, prev.map(|q| &q.z[..]));
         let log_z = max as f64 + sum.ln();
         let entropy = (log_z - ez / sum).max(0.0) as f32;
         let kl = prev.map(|q| (ediff / sum - log_z + q.log_z as f64).max(0.0) as f32);
