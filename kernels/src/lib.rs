@@ -47,25 +47,35 @@ pub use pool::{KernelPool, MAX_CHUNKS};
 use blocks::{cast_blocks, Pod};
 use std::sync::Arc;
 
+/// `detect()` once per `cache` (0 unknown, 1 yes, 2 no): feature checks and the environment
+/// are read on the first call only, since every product asks.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn cached(cache: &std::sync::atomic::AtomicU8, detect: impl FnOnce() -> bool) -> bool {
+    use std::sync::atomic::Ordering;
+    match cache.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let ok = detect();
+            cache.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
 /// True when the AVX2 + FMA + F16C kernels can be used on this CPU.
 #[inline]
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::atomic::{AtomicU8, Ordering};
-        static CACHE: AtomicU8 = AtomicU8::new(0);
-        match CACHE.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => {
-                let ok = std::is_x86_feature_detected!("avx2")
-                    && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("f16c")
-                    && std::env::var_os("LM_KERNELS_SCALAR").is_none();
-                CACHE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
-                ok
-            }
-        }
+        static CACHE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        cached(&CACHE, || {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+                && std::env::var_os("LM_KERNELS_SCALAR").is_none()
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -80,19 +90,12 @@ pub fn has_avx2() -> bool {
 pub fn has_avx_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::atomic::{AtomicU8, Ordering};
-        static CACHE: AtomicU8 = AtomicU8::new(0);
-        match CACHE.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => {
-                let ok = has_avx2()
-                    && std::is_x86_feature_detected!("avxvnni")
-                    && std::env::var_os("LM_KERNELS_NO_VNNI").is_none();
-                CACHE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
-                ok
-            }
-        }
+        static CACHE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        cached(&CACHE, || {
+            has_avx2()
+                && std::is_x86_feature_detected!("avxvnni")
+                && std::env::var_os("LM_KERNELS_NO_VNNI").is_none()
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
