@@ -190,4 +190,11 @@ mod tests {
         let (sum, _, _) = exp_moments(&[0.0, -70.0, f32::NEG_INFINITY], 0.0, None);
         assert_eq!(sum, 1.0, "only the maximum weighs");
     }
+
+    /// A previous step of another length is a caller's bug, named as such.
+    #[test]
+    #[should_panic(expected = "prev has 2 values for 3")]
+    fn moments_refuse_a_previous_step_of_another_length() {
+        exp_moments(&[0.0, 1.0, 2.0], 2.0, Some(&[0.0, 1.0]));
+    }
 }
