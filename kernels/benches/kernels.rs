@@ -335,6 +335,10 @@ fn main() {
         kquant_products(&p1, &p2, &mut rng);
     }
 
+    if filter.is_empty() || filter == "attention" {
+        attention(&p1, &p2, &mut rng);
+    }
+
     if !filter.is_empty() && !"pool".contains(filter.as_str()) {
         return;
     }
@@ -459,6 +463,50 @@ fn main() {
 
 /// All matrix-vector products of one SmolLM2-135M decode step (30 layers × q,k,v,o,gate,up,down
 /// Q4_1 + the tied Q8_0 lm_head), weights distinct (96 MB, streamed from DRAM like a real step).
+/// Causal attention in SmolLM2-135M's shape (9 query heads over 3 kv heads of 64): a turn's
+/// prime (87 new rows after 895 cached positions, as turn 12 of `muse bench --turns 12`), and a
+/// decode step at that length. GFLOP/s counts the two products (q·k and p·v), 2 flops a term.
+fn attention(p1: &KernelPool, p2: &KernelPool, rng: &mut Rng) {
+    use mm_kernels::attention::{causal_attention, AttentionShape, KvView};
+    let shape = AttentionShape {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
+    let (stride, len) = (1024, 982);
+    let k = rng.vec(shape.kv_heads * stride * shape.head_dim);
+    let v = rng.vec(shape.kv_heads * stride * shape.head_dim);
+    let kv = KvView {
+        k: &k,
+        v: &v,
+        head_stride: stride,
+        len,
+    };
+    println!("\nattention (SmolLM2 shape, {len} positions)      1 thread      2 threads");
+    for (label, n) in [("prime, 87 rows", 87), ("step, 1 row", 1)] {
+        let pos = len - n;
+        let q = rng.vec(shape.heads * n * shape.head_dim);
+        let mut out = vec![0f32; n * shape.heads * shape.head_dim];
+        // Keys each row sees, times heads, times the two products.
+        let flops: usize =
+            (pos..len).map(|at| at + 1).sum::<usize>() * shape.heads * shape.head_dim * 4;
+        let mut run = |pool: &KernelPool| {
+            time(|_| causal_attention(pool, &shape, black_box(&q), n, pos, &kv, &mut out))
+        };
+        let (t1, t2) = (run(p1), run(p2));
+        let gf = |t: Duration| flops as f64 / t.as_secs_f64() / 1e9;
+        println!(
+            "  {label:<36} {:>7.3} ms {:>5.1} GF/s {:>7.3} ms {:>5.1} GF/s",
+            t1.as_secs_f64() * 1e3,
+            gf(t1),
+            t2.as_secs_f64() * 1e3,
+            gf(t2)
+        );
+    }
+}
+
 fn model_sim(p1: &KernelPool, p2: &KernelPool, rng: &mut Rng) {
     let dev = Device::Cpu;
     let (h, f, kv, vocab, layers) = (576usize, 1536usize, 192usize, 49152usize, 30usize);
