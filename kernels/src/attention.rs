@@ -8,9 +8,9 @@
 #[cfg(target_arch = "x86_64")]
 use crate::exp::exp_avx2;
 use crate::exp::NEGLIGIBLE;
-#[cfg(target_arch = "x86_64")]
-use crate::has_avx2;
 use crate::KernelPool;
+#[cfg(target_arch = "x86_64")]
+use crate::{has_avx2, has_avx512};
 use std::cell::RefCell;
 
 /// The attention's shape, the same for every row.
@@ -97,7 +97,9 @@ pub fn causal_attention(
             #[cfg(target_arch = "x86_64")]
             if avx2 && d % 8 == 0 {
                 // SAFETY: AVX2 and FMA were detected; d is a multiple of 8.
-                return unsafe { queries_avx2(shape, queries, k, v, s) };
+                return SUMS.with(|sums| unsafe {
+                    queries_avx2(shape, queries, k, v, s, &mut sums.borrow_mut())
+                });
             }
             for query in queries {
                 row(shape, query.q, k, v, query.at, s, query.out);
@@ -119,6 +121,8 @@ struct Query<'a> {
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The AVX2 path's weighted-value sums, `[query][head_dim]`.
+    static SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 struct SyncPtr(*mut f32);
@@ -146,6 +150,7 @@ unsafe fn queries_avx2(
     k: &[f32],
     v: &[f32],
     scratch: &mut Vec<f32>,
+    sums: &mut Vec<f32>,
 ) {
     use std::arch::x86_64::*;
     let d = shape.head_dim;
@@ -171,93 +176,238 @@ unsafe fn queries_avx2(
             pad[n * d..].fill(0.0);
             pad.as_ptr()
         };
-        for (qi, query) in queries.iter().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for c in (0..d).step_by(8) {
-                let qv = _mm256_loadu_ps(query.q.as_ptr().add(c));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.add(r * d + c)), *a);
+        // Two queries at a time share each key load; a lone last query goes by itself.
+        let scale = _mm_set1_ps(shape.scale);
+        let out = scores.as_mut_ptr();
+        let mut qi = 0;
+        while qi < queries.len() {
+            let pair = qi + 1 < queries.len();
+            for half in 0..2 {
+                let keys = rows.add(half * 4 * d);
+                let at = |i: usize| out.add(i * span + b + half * 4);
+                if pair {
+                    let [d0, d1] = dots4::<2>([queries[qi].q, queries[qi + 1].q], keys, d);
+                    _mm_storeu_ps(at(qi), _mm_mul_ps(d0, scale));
+                    _mm_storeu_ps(at(qi + 1), _mm_mul_ps(d1, scale));
+                } else {
+                    let [d0] = dots4::<1>([queries[qi].q], keys, d);
+                    _mm_storeu_ps(at(qi), _mm_mul_ps(d0, scale));
                 }
             }
-            // Lane r of the result is key r's sum, reduced in the same order for every key.
-            let t0 = _mm256_hadd_ps(
-                _mm256_hadd_ps(acc[0], acc[1]),
-                _mm256_hadd_ps(acc[2], acc[3]),
-            );
-            let t1 = _mm256_hadd_ps(
-                _mm256_hadd_ps(acc[4], acc[5]),
-                _mm256_hadd_ps(acc[6], acc[7]),
-            );
-            let dots = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(t0, t1),
-                _mm256_permute2f128_ps::<0x31>(t0, t1),
-            );
-            _mm256_storeu_ps(
-                scores.as_mut_ptr().add(qi * span + b),
-                _mm256_mul_ps(dots, _mm256_set1_ps(shape.scale)),
-            );
+            qi += if pair { 2 } else { 1 };
         }
     }
-    for (qi, query) in queries.into_iter().enumerate() {
+    // Softmax weights per query, in place of its scores.
+    let mut inv = Vec::with_capacity(queries.len());
+    for (qi, query) in queries.iter().enumerate() {
         let first = first(query.at);
         let sc = &mut scores[qi * span..][..span];
         // Keys this query does not see get no weight: before its window, after itself.
         sc[..first - lo].fill(f32::NEG_INFINITY);
         sc[query.at + 1 - lo..].fill(f32::NEG_INFINITY);
-        let sum = softmax_weights_avx2(sc);
-        // The weighted values, 64 dimensions (8 vectors) at a time, accumulated in registers.
-        let inv = 1.0 / sum;
-        let weights = &sc[first - lo..][..query.at + 1 - first];
-        let vs = v.as_ptr().add(first * d);
-        for c0 in (0..d).step_by(64) {
-            let out = query.out.as_mut_ptr().add(c0);
-            let vs = vs.add(c0);
-            match (d - c0).min(64) / 8 {
-                8 => weighted_values::<8>(weights, vs, d, inv, out),
-                7 => weighted_values::<7>(weights, vs, d, inv, out),
-                6 => weighted_values::<6>(weights, vs, d, inv, out),
-                5 => weighted_values::<5>(weights, vs, d, inv, out),
-                4 => weighted_values::<4>(weights, vs, d, inv, out),
-                3 => weighted_values::<3>(weights, vs, d, inv, out),
-                2 => weighted_values::<2>(weights, vs, d, inv, out),
-                _ => weighted_values::<1>(weights, vs, d, inv, out),
+        inv.push(1.0 / softmax_weights_avx2(sc));
+    }
+    // The weighted values, a block of keys at a time for all the queries, so a block of value
+    // rows is read from memory once per task rather than once per query (all of a long
+    // context's values per query ran at the cache's bandwidth, not the multiply-adds'). Each
+    // output element still adds its terms one key after another from the first: the same
+    // arithmetic, in the same order, as one query alone.
+    sums.clear();
+    sums.resize(queries.len() * d, 0.0);
+    let wide = d.is_multiple_of(64) && has_avx512();
+    for j0 in (lo..=hi).step_by(VALUE_BLOCK) {
+        let range = |query: &Query| {
+            (
+                j0.max(first(query.at)),
+                (j0 + VALUE_BLOCK).min(query.at + 1),
+            )
+        };
+        let mut qi = 0;
+        while qi < queries.len() {
+            if wide && qi + 1 < queries.len() {
+                // Two queries over the keys either sees: a key the other one does not see has
+                // a zero weight in its scores, which adds nothing.
+                let ((f0, t0), (f1, t1)) = (range(&queries[qi]), range(&queries[qi + 1]));
+                let (from, to) = (f0.min(f1), t0.max(t1));
+                if from < to {
+                    let w0 = &scores[qi * span + from - lo..][..to - from];
+                    let w1 = &scores[(qi + 1) * span + from - lo..][..to - from];
+                    let acc = sums.as_mut_ptr().add(qi * d);
+                    for c0 in (0..d).step_by(64) {
+                        weighted_values_pair_avx512(
+                            [w0, w1],
+                            v.as_ptr().add(from * d + c0),
+                            d,
+                            [acc.add(c0), acc.add(d + c0)],
+                        );
+                    }
+                }
+                qi += 2;
+                continue;
             }
+            let (from, to) = range(&queries[qi]);
+            if from < to {
+                let weights = &scores[qi * span + from - lo..][..to - from];
+                let vs = v.as_ptr().add(from * d);
+                let acc = sums.as_mut_ptr().add(qi * d);
+                for c0 in (0..d).step_by(64) {
+                    let (vs, acc) = (vs.add(c0), acc.add(c0));
+                    match (d - c0).min(64) / 8 {
+                        8 => weighted_values::<8>(weights, vs, d, acc),
+                        7 => weighted_values::<7>(weights, vs, d, acc),
+                        6 => weighted_values::<6>(weights, vs, d, acc),
+                        5 => weighted_values::<5>(weights, vs, d, acc),
+                        4 => weighted_values::<4>(weights, vs, d, acc),
+                        3 => weighted_values::<3>(weights, vs, d, acc),
+                        2 => weighted_values::<2>(weights, vs, d, acc),
+                        _ => weighted_values::<1>(weights, vs, d, acc),
+                    }
+                }
+            }
+            qi += 1;
+        }
+    }
+    for ((query, inv), acc) in queries.into_iter().zip(inv).zip(sums.chunks_exact(d)) {
+        for (o, a) in query.out.iter_mut().zip(acc) {
+            *o = a * inv;
         }
     }
 }
 
-/// `out[..8W] = inv · Σ_j weights[j] · v[j][..8W]` for the value rows `v[j]` at `vs + j·d`.
-/// The width is a constant so the W accumulators stay in registers (a slice of a fixed array
-/// kept them in memory: a load and a store around every multiply-add).
+/// The dot products of `Q` queries with four keys (rows of `d` at `keys`): lane `l` of a
+/// key's accumulator sums the dimensions `c ≡ l (mod 8)` in order, and the lanes are then
+/// added as `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`, the same for every key and query.
+///
+/// # Safety
+/// AVX2 and FMA available; `d` a multiple of 8; the queries and the four rows valid for `d`
+/// floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dots4<const Q: usize>(
+    queries: [&[f32]; Q],
+    keys: *const f32,
+    d: usize,
+) -> [std::arch::x86_64::__m128; Q] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 4]; Q];
+    for c in (0..d).step_by(8) {
+        let p = keys.add(c);
+        let k = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(d)),
+            _mm256_loadu_ps(p.add(2 * d)),
+            _mm256_loadu_ps(p.add(3 * d)),
+        ];
+        for i in 0..Q {
+            let qv = _mm256_loadu_ps(queries[i].as_ptr().add(c));
+            for r in 0..4 {
+                acc[i][r] = _mm256_fmadd_ps(qv, k[r], acc[i][r]);
+            }
+        }
+    }
+    let mut out = [_mm_setzero_ps(); Q];
+    for i in 0..Q {
+        let [a0, a1, a2, a3] = acc[i];
+        // [k0 l0..3, k1 l0..3, k2 l0..3, k3 l0..3 | the same of lanes 4..7]
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        out[i] = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    }
+    out
+}
+
+/// Keys whose value rows the queries of a task go through together: 16 KiB of values at a
+/// head dimension of 64, well inside the L1 cache beside the weights and the sums.
+const VALUE_BLOCK: usize = 64;
+
+/// `acc[..8W] += Σ_j weights[j] · v[j][..8W]` for the value rows `v[j]` at `vs + j·d`, the
+/// terms added one after another. The width is a constant so the W accumulators stay in
+/// registers (a slice of a fixed array kept them in memory: a load and a store around every
+/// multiply-add).
 ///
 /// # Safety
 /// AVX2 and FMA available; `vs` valid for `weights.len()` rows of `d` floats from which `8W`
-/// are read; `out` valid for `8W` writes.
+/// are read; `acc` valid for `8W` reads and writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn weighted_values<const W: usize>(
     weights: &[f32],
     vs: *const f32,
     d: usize,
-    inv: f32,
-    out: *mut f32,
+    acc: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); W];
+    let mut a: [__m256; W] = std::array::from_fn(|u| _mm256_loadu_ps(acc.add(u * 8)));
+    // A weight that underflowed to zero adds nothing (`0·v + a = a` for a finite `v`): no
+    // test and branch per key.
     for (j, &p) in weights.iter().enumerate() {
-        if p == 0.0 {
-            continue;
-        }
         let pv = _mm256_set1_ps(p);
         let vr = vs.add(j * d);
-        for (u, a) in acc.iter_mut().enumerate() {
+        for (u, a) in a.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr.add(u * 8)), *a);
         }
     }
-    let inv = _mm256_set1_ps(inv);
-    for (u, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out.add(u * 8), _mm256_mul_ps(*a, inv));
+    for (u, a) in a.iter().enumerate() {
+        _mm256_storeu_ps(acc.add(u * 8), *a);
     }
+}
+
+/// [`weighted_values`] for two queries and 64 dimensions with AVX-512: each value row is
+/// loaded once for both, and eight independent sums keep both FMA units busy where one
+/// query's four (or AVX2's eight, each waiting on its last multiply-add) cannot. Every
+/// element adds the same terms in the same order as the AVX2 kernel, so the bits are the same.
+///
+/// # Safety
+/// AVX-512F available; `vs` valid for `weights[0].len()` rows of `d` floats from which 64 are
+/// read; both weight slices of the same length; each `acc` valid for 64 reads and writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_values_pair_avx512(
+    weights: [&[f32]; 2],
+    vs: *const f32,
+    d: usize,
+    acc: [*mut f32; 2],
+) {
+    use std::arch::x86_64::*;
+    let [a, b] = acc;
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm512_loadu_ps(a),
+        _mm512_loadu_ps(a.add(16)),
+        _mm512_loadu_ps(a.add(32)),
+        _mm512_loadu_ps(a.add(48)),
+    );
+    let (mut b0, mut b1, mut b2, mut b3) = (
+        _mm512_loadu_ps(b),
+        _mm512_loadu_ps(b.add(16)),
+        _mm512_loadu_ps(b.add(32)),
+        _mm512_loadu_ps(b.add(48)),
+    );
+    for (j, (&p, &q)) in weights[0].iter().zip(weights[1]).enumerate() {
+        let vr = vs.add(j * d);
+        let (v0, v1, v2, v3) = (
+            _mm512_loadu_ps(vr),
+            _mm512_loadu_ps(vr.add(16)),
+            _mm512_loadu_ps(vr.add(32)),
+            _mm512_loadu_ps(vr.add(48)),
+        );
+        let (p, q) = (_mm512_set1_ps(p), _mm512_set1_ps(q));
+        a0 = _mm512_fmadd_ps(p, v0, a0);
+        a1 = _mm512_fmadd_ps(p, v1, a1);
+        a2 = _mm512_fmadd_ps(p, v2, a2);
+        a3 = _mm512_fmadd_ps(p, v3, a3);
+        b0 = _mm512_fmadd_ps(q, v0, b0);
+        b1 = _mm512_fmadd_ps(q, v1, b1);
+        b2 = _mm512_fmadd_ps(q, v2, b2);
+        b3 = _mm512_fmadd_ps(q, v3, b3);
+    }
+    _mm512_storeu_ps(a, a0);
+    _mm512_storeu_ps(a.add(16), a1);
+    _mm512_storeu_ps(a.add(32), a2);
+    _mm512_storeu_ps(a.add(48), a3);
+    _mm512_storeu_ps(b, b0);
+    _mm512_storeu_ps(b.add(16), b1);
+    _mm512_storeu_ps(b.add(32), b2);
+    _mm512_storeu_ps(b.add(48), b3);
 }
 
 /// [`softmax_weights`] eight scores at a time (`scores.len()` a multiple of 8), with a
@@ -401,6 +551,45 @@ mod tests {
                 (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// Two queries' weighted values through AVX-512 have the bits of each through AVX2, zero
+    /// weights (a key one of the pair does not see) included: a machine without AVX-512
+    /// replays the same numbers.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn paired_wide_values_give_the_avx2_bits() {
+        if !(crate::has_avx2() && crate::has_avx512()) {
+            return;
+        }
+        let (d, keys) = (128, 37);
+        let v = random(keys * d, 4);
+        let mut w0 = random(keys, 5);
+        let mut w1 = random(keys, 6);
+        w0[..5].fill(0.0);
+        w1[30..].fill(0.0);
+        let start0 = random(d, 7);
+        let start1 = random(d, 8);
+        let (mut wide0, mut wide1) = (start0.clone(), start1.clone());
+        let (mut narrow0, mut narrow1) = (start0, start1);
+        for c0 in (0..d).step_by(64) {
+            // SAFETY: AVX2, FMA and AVX-512F were detected; every pointer covers 64 floats of
+            // `keys` rows of `d`.
+            unsafe {
+                let vs = v.as_ptr().add(c0);
+                weighted_values_pair_avx512(
+                    [&w0, &w1],
+                    vs,
+                    d,
+                    [wide0.as_mut_ptr().add(c0), wide1.as_mut_ptr().add(c0)],
+                );
+                weighted_values::<8>(&w0, vs, d, narrow0.as_mut_ptr().add(c0));
+                weighted_values::<8>(&w1, vs, d, narrow1.as_mut_ptr().add(c0));
+            }
+        }
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide0), bits(&narrow0));
+        assert_eq!(bits(&wide1), bits(&narrow1));
     }
 
     /// Equal to f64 attention, and every row has the same bits whether it is evaluated alone

@@ -83,6 +83,25 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// AVX-512F beside AVX2, for the kernels whose results do not depend on the vector width
+/// (element-wise sums such as attention's weighted values). `LM_KERNELS_NO_AVX512=1`
+/// turns it off to compare.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static CACHE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        cached(&CACHE, || {
+            has_avx2()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::env::var_os("LM_KERNELS_NO_AVX512").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when [`has_avx2`] holds and the CPU has AVX-VNNI, which the legacy formats' kernels
 /// use for their byte products (same results, fewer instructions). `LM_KERNELS_NO_VNNI=1`
 /// keeps plain AVX2, to compare the two on one machine.
