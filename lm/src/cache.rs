@@ -172,7 +172,7 @@ impl KvCache {
     }
 
     /// Checks that `n` more positions fit, before any layer is touched.
-    pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
+    pub fn reserve(&mut self, n: usize) -> Result<()> {
         let needed = self.len + n;
         if needed > self.max_len {
             return Err(LmError::ContextOverflow {

@@ -39,7 +39,7 @@ pub use model::{
     shape_named, Architecture, Embedding, GgufFile, Input, LoadOptions, Model, ModelConfig,
     NamedShape, StepStats, Stepped, MAX_STEP_BATCH, SHAPES,
 };
-pub use prefix::{Hit as PrefixHit, PrefixCache};
+pub use prefix::PrefixCache;
 pub use sampling::{
     analyze, argmax, distribution, entropy, softmax_in_place, Analysis, Distribution, Reference,
     Sampler, SamplingParams,

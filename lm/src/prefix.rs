@@ -5,18 +5,23 @@
 //!
 //! A conversation's next turn is the previous prompt, the reply and the new message, and a
 //! retried attempt primes the very same prompt: both start with a prompt primed before. Each
-//! entry holds a prompt's token ids and a fork of the KV cache right after them; a lookup finds
+//! entry holds a prompt's token ids and a KV cache of exactly their positions; a checkout finds
 //! the entry sharing the longest prefix with a new prompt. Entries are kept least recently used
 //! first out within a byte budget of their own, beside the sessions' `kv_memory_mb`.
 //!
-//! Entries are immutable once stored: a hit hands out the entry and the caller forks its cache
-//! outside the lock, so no lock is held across a copy or a forward.
+//! A prompt that extends a stored one whole takes that entry out and grows it in place: storing
+//! the longer prompt would replace the entry anyway, and a long conversation's KV (45 MB at a
+//! thousand positions of SmolLM2) is then never copied, where a copy per prime took longer than
+//! the new tokens' forward. A prompt sharing only part of an entry (another conversation with
+//! the same instructions) copies that part and leaves the entry in place. Either way no lock
+//! is held across a copy or a forward. The caller stores its cache back, by move, when it is
+//! done with it (see [`PrefixCache::insert`]).
 
 use crate::cache::KvCache;
 use std::sync::{Arc, Mutex};
 
 /// A prompt and the KV cache holding exactly its positions.
-pub struct Entry {
+struct Entry {
     ids: Vec<u32>,
     cache: KvCache,
 }
@@ -25,24 +30,6 @@ impl Entry {
     /// Bytes the entry keeps alive.
     fn bytes(&self) -> usize {
         self.cache.memory_bytes() + std::mem::size_of_val(self.ids.as_slice())
-    }
-
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
-    }
-}
-
-/// The longest prefix shared with a stored prompt.
-pub struct Hit {
-    pub entry: Arc<Entry>,
-    /// Leading token ids the prompt shares with `entry`.
-    pub shared: usize,
-}
-
-impl Hit {
-    /// The entry holds exactly `ids` (the same prompt primed again).
-    pub fn is_exact(&self, ids: &[u32]) -> bool {
-        self.shared == ids.len() && self.entry.ids.len() == ids.len()
     }
 }
 
@@ -89,27 +76,60 @@ impl PrefixCache {
         self.entries.lock().expect("prefix cache lock")
     }
 
-    /// The entry sharing the longest prefix with `ids` (at least one token), now the most
-    /// recently used.
-    pub fn lookup(&self, ids: &[u32]) -> Option<Hit> {
-        let mut e = self.lock();
-        let (i, shared) = e
-            .lru
-            .iter()
-            .map(|entry| common_prefix(&entry.ids, ids))
-            .enumerate()
-            .max_by_key(|&(i, shared)| (shared, i))
-            .filter(|&(_, shared)| shared > 0)?;
-        let entry = e.lru.remove(i);
-        e.lru.push(entry.clone());
-        Some(Hit { entry, shared })
+    /// A cache holding the first positions of `ids` that a stored prompt shares with it, at
+    /// most `limit`, with room for `capacity` positions in all (the rest of the prompt, a
+    /// reply) so that the appends which follow do not grow it, copying it again; `None` when
+    /// no entry shares a token. An entry
+    /// that `ids` extends whole is taken out and reused without a copy (unless another caller
+    /// is copying from it at that moment); one shared in part is copied, and stays.
+    pub fn checkout(
+        &self,
+        ids: &[u32],
+        limit: usize,
+        capacity: usize,
+    ) -> crate::Result<Option<(KvCache, usize)>> {
+        let (entry, shared, taken) = {
+            let mut e = self.lock();
+            let Some((i, shared)) = e
+                .lru
+                .iter()
+                .map(|entry| common_prefix(&entry.ids, ids))
+                .enumerate()
+                .max_by_key(|&(i, shared)| (shared, i))
+                .filter(|&(_, shared)| shared.min(limit) > 0)
+            else {
+                return Ok(None);
+            };
+            let entry = e.lru.remove(i);
+            let taken = shared == entry.ids.len();
+            if taken {
+                e.bytes -= entry.bytes();
+            } else {
+                e.lru.push(entry.clone());
+            }
+            (entry, shared, taken)
+        };
+        let n = shared.min(limit);
+        let room = capacity.saturating_sub(n);
+        let cache = match Arc::try_unwrap(entry) {
+            Ok(Entry { mut cache, .. }) if taken => {
+                cache.truncate(n);
+                cache.reserve(room)?;
+                cache
+            }
+            Ok(entry) => entry.cache.fork_prefix_with_room(n, room)?,
+            Err(entry) => entry.cache.fork_prefix_with_room(n, room)?,
+        };
+        Ok(Some((cache, n)))
     }
 
-    /// Stores `cache` (its positions are exactly `ids`), replacing the entries whose prompts
-    /// are prefixes of `ids`: their sessions have moved on, and this entry serves every prompt
-    /// they would. The least recently used entries make room; an entry larger than the whole
-    /// budget is not kept.
-    pub fn insert(&self, ids: Vec<u32>, cache: KvCache) {
+    /// Stores `cache`'s first `ids.len()` positions, which hold `ids` (positions past them,
+    /// a reply's, are forgotten), replacing the entries whose prompts are prefixes of `ids`:
+    /// their sessions have moved on, and this entry serves every prompt they would. The least
+    /// recently used entries make room; an entry larger than the whole budget is not kept.
+    pub fn insert(&self, ids: Vec<u32>, mut cache: KvCache) {
+        debug_assert!(cache.len() >= ids.len(), "the cache holds the prompt");
+        cache.truncate(ids.len());
         let entry = Entry { ids, cache };
         let bytes = entry.bytes();
         if bytes > self.budget {

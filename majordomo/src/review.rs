@@ -321,16 +321,12 @@ impl Majordomo {
         // The longest prefix an earlier prompt shares (at least the instructions), less the
         // last token, whose row gives the first logits, and less the scored tokens, whose
         // rows give their NLL.
-        let hit = self.prefixes.lookup(prompt);
         let keep = score.as_ref().map_or(prompt.len(), |s| s.start) - 1;
-        let (mut cache, cached) = match &hit {
-            Some(hit) => {
-                let n = hit.shared.min(keep);
-                let more = prompt.len() - n + OUTPUT_ROOM;
-                (hit.entry.cache().fork_prefix_with_room(n, more)?, n)
-            }
-            None => (self.lm.model.new_cache(), 0),
-        };
+        let reusable = score.as_ref().map_or(prompt.len(), |s| s.end);
+        let (mut cache, cached) = self
+            .prefixes
+            .checkout(prompt, keep, prompt.len() + OUTPUT_ROOM)?
+            .unwrap_or_else(|| (self.lm.model.new_cache(), 0));
         let h = self
             .lm
             .model
@@ -345,11 +341,6 @@ impl Majordomo {
             )?),
             None => None,
         };
-        // A prompt already stored whole (the same critique asked again) is not copied again.
-        if !hit.is_some_and(|h| h.is_exact(prompt)) {
-            self.prefixes
-                .insert(prompt.to_vec(), cache.fork_prefix(prompt.len())?);
-        }
         let budget = max_bytes.min(self.lm.model.max_context() - prompt.len());
         let (text, mut stats) = constrained::decode(
             &self.lm,
@@ -366,6 +357,10 @@ impl Majordomo {
                 stats.tokens
             )));
         }
+        // The prompt's KV goes back by move, up to the end of the draft: the session's next
+        // critique prompt extends exactly that (its conversation goes on with the draft as
+        // the reply) and takes it whole; what follows the draft here does not recur.
+        self.prefixes.insert(prompt[..reusable].to_vec(), cache);
         stats.prompt_tokens = prompt.len();
         stats.cached_prompt_tokens = cached;
         Ok((text, stats, nll))

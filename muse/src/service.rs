@@ -333,10 +333,10 @@ fn run_session(
 }
 
 /// Runs one command, streaming its intermediate events; returns the final one.
-fn execute(
-    shared: &Shared,
+fn execute<'m>(
+    shared: &'m Shared,
     id: &str,
-    session: &mut DreamSession,
+    session: &mut DreamSession<'m>,
     rid: u64,
     command: pb::client_command::Command,
     out: &mpsc::Sender<Result<pb::ServerEvent, Status>>,

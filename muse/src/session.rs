@@ -63,6 +63,15 @@ pub struct DreamSession<'m> {
     history: Vec<u32>,
     checkpoints: HashMap<String, Checkpoint>,
     pending: Option<Pending>,
+    /// The prefix cache the prompt's KV goes back to, and the prompt: the first positions of
+    /// `cache` until the session ends or primes again.
+    lent: Option<(&'m PrefixCache, Vec<u32>)>,
+}
+
+impl Drop for DreamSession<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
 }
 
 /// How a prompt is given.
@@ -87,6 +96,18 @@ impl<'m> DreamSession<'m> {
             history: Vec::new(),
             checkpoints: HashMap::new(),
             pending: None,
+            lent: None,
+        }
+    }
+
+    /// Stores the primed prompt's KV in the prefix cache it came from, moving the cache out
+    /// (the session is ending or priming again).
+    fn give_back(&mut self) {
+        if let Some((prefixes, ids)) = self.lent.take() {
+            if self.cache.len() >= ids.len() {
+                let cache = std::mem::replace(&mut self.cache, self.lm.model.new_cache());
+                prefixes.insert(ids, cache);
+            }
         }
     }
 
@@ -124,11 +145,12 @@ impl<'m> DreamSession<'m> {
     }
 
     /// [`Self::prime`] that takes the KV of the longest prefix of the prompt from `prefixes`
-    /// and stores the primed prompt there for the next prime (the next turn, or a retry).
+    /// and gives the primed prompt's back when the session ends or primes again (for the next
+    /// turn, or a retry), by move: the session's cache, forgetting what followed the prompt.
     pub fn prime_with(
         &mut self,
         prime: &Prime,
-        prefixes: Option<&PrefixCache>,
+        prefixes: Option<&'m PrefixCache>,
     ) -> lm::Result<PrimeSummary> {
         let ids = match prime {
             Prime::Chat(messages) => self.lm.chat_prompt(messages)?,
@@ -143,18 +165,25 @@ impl<'m> DreamSession<'m> {
         self.checkpoints.clear();
         self.pending = None;
         self.frontier = None;
+        self.give_back();
         let prefixes = prefixes.filter(|p| p.is_enabled());
-        let hit = prefixes.and_then(|p| p.lookup(&ids));
         // The last prompt token is always forwarded: its row gives the frontier.
-        let shared = hit.as_ref().map_or(0, |h| h.shared.min(ids.len() - 1));
-        let cached = shared;
-        match &hit {
-            Some(h) if cached > 0 => {
-                let more = ids.len() - cached + REPLY_ROOM;
-                self.cache = h.entry.cache().fork_prefix_with_room(cached, more)?
+        let room = ids.len() + REPLY_ROOM;
+        let hit = match prefixes {
+            Some(p) => p.checkout(&ids, ids.len() - 1, room)?,
+            None => None,
+        };
+        let cached = match hit {
+            Some((cache, cached)) => {
+                self.cache = cache;
+                cached
             }
-            _ => self.cache.clear(),
-        }
+            None => {
+                self.cache.clear();
+                self.cache.reserve(room)?;
+                0
+            }
+        };
         // Whole chunks, then the rest (1 to PRIME_CHUNK positions) gives the frontier.
         let last = cached + (ids.len() - cached - 1) / PRIME_CHUNK * PRIME_CHUNK;
         for start in (cached..last).step_by(PRIME_CHUNK) {
@@ -170,15 +199,8 @@ impl<'m> DreamSession<'m> {
         )?);
         self.prompt_last = ids.last().copied();
         self.checkpoint(PRIMED)?;
-        let stored = hit.is_some_and(|h| h.is_exact(&ids));
         let prompt_tokens = ids.len();
-        if let Some(p) = prefixes.filter(|_| !stored) {
-            // Best effort: a prompt that cannot be kept is only evaluated in full next time.
-            match self.cache.fork_prefix(ids.len()) {
-                Ok(cache) => p.insert(ids, cache),
-                Err(e) => tracing::warn!("prefix cache: the prompt's KV was not kept: {e}"),
-            }
-        }
+        self.lent = prefixes.map(|p| (p, ids));
         Ok(PrimeSummary {
             prompt_tokens,
             cached_tokens: cached,

@@ -1,6 +1,7 @@
 //! The prefix cache on the real SmolLM2: a prime that starts from a cached prefix continues
 //! exactly like a cold prime of the whole prompt, a retry of the same prompt evaluates only
-//! its last token, and entries leave least recently used first within the byte budget.
+//! its last token, a session gives its prompt's KV back when it ends, and entries leave least
+//! recently used first within the byte budget.
 
 use lm::PrefixCache;
 use lm::{ChatMessage, GenerateOptions, LoadOptions, LoadedModel, SamplingParams};
@@ -84,11 +85,14 @@ fn a_prime_from_a_cached_prefix_continues_like_a_cold_prime() {
     assert_eq!(d, 0.0, "next-token logits differ from a cold prime by {d}");
     // Past the frontier too: the decoded text reads the whole cache.
     assert_eq!(next.commit(&greedy(12), |_| {}).unwrap().text, want_text);
-    // The first turn's entry gave way to the second's, which it is a prefix of.
+    // The second turn took the first turn's entry, which it extends, and gives its own back
+    // when it ends.
+    assert_eq!(prefixes.len(), 0);
+    drop(next);
     assert_eq!(prefixes.len(), 1);
 
-    // A retry primes the same prompt again: all but its last token come from the cache,
-    // untouched by the commit the session above ran on its own copy.
+    // A retry primes the same prompt again: all but its last token come from the cache, whose
+    // positions past the prompt (the commit above) were forgotten.
     let mut retry = DreamSession::new(lm);
     let p = retry
         .prime_with(&Prime::Chat(second), Some(&prefixes))
@@ -97,7 +101,17 @@ fn a_prime_from_a_cached_prefix_continues_like_a_cold_prime() {
     let d = max_abs_diff(&retry.logits().unwrap(), &want);
     assert_eq!(d, 0.0, "a retry's logits differ from a cold prime by {d}");
     assert_eq!(retry.commit(&greedy(12), |_| {}).unwrap().text, want_text);
+    drop(retry);
     assert_eq!(prefixes.len(), 1);
+
+    // Another conversation sharing only the start copies it and leaves the entry in place.
+    let mut other = first_turn();
+    other.push(ChatMessage::new("assistant", "Silver light."));
+    let p = DreamSession::new(lm)
+        .prime_with(&Prime::Chat(other), Some(&prefixes))
+        .unwrap();
+    assert!(p.cached_tokens >= first_ids.len(), "{p:?}");
+    assert_eq!(prefixes.len(), 2);
 }
 
 /// Three prompts of 40 tokens that share no prefix.
