@@ -162,9 +162,20 @@ unsafe fn queries_avx2(
         return;
     };
     let span = (hi + 1 - lo).div_ceil(8) * 8;
+    let wide = has_avx512();
+    let pairs = if wide { queries.len() / 2 } else { 0 };
     scratch.clear();
-    scratch.resize(queries.len() * span + 8 * d, 0.0);
-    let (scores, pad) = scratch.split_at_mut(queries.len() * span);
+    scratch.resize(queries.len() * span + 8 * d + pairs * 2 * d, 0.0);
+    let (scores, rest) = scratch.split_at_mut(queries.len() * span);
+    let (pad, interleaved) = rest.split_at_mut(8 * d);
+    // With AVX-512, a pair of queries sits in one register: eight dimensions of the first,
+    // then the same eight of the second.
+    for (p, dst) in interleaved.chunks_exact_mut(2 * d).enumerate() {
+        for (c, dst) in dst.chunks_exact_mut(16).enumerate() {
+            dst[..8].copy_from_slice(&queries[2 * p].q[c * 8..][..8]);
+            dst[8..].copy_from_slice(&queries[2 * p + 1].q[c * 8..][..8]);
+        }
+    }
     for b in (0..span).step_by(8) {
         let j0 = lo + b;
         // A block past the last key is read from zeros in `pad`: every key is computed alike.
@@ -176,22 +187,29 @@ unsafe fn queries_avx2(
             pad[n * d..].fill(0.0);
             pad.as_ptr()
         };
-        // Two queries at a time share each key load; a lone last query goes by itself.
-        let scale = _mm_set1_ps(shape.scale);
         let out = scores.as_mut_ptr();
-        let mut qi = 0;
+        let at = |i: usize, key: usize| out.add(i * span + b + key);
+        for (p, pair) in interleaved.chunks_exact(2 * d).enumerate() {
+            let [d0, d1] = dots8_pair_avx512(pair, rows, d);
+            let scale = _mm256_set1_ps(shape.scale);
+            _mm256_storeu_ps(at(2 * p, 0), _mm256_mul_ps(d0, scale));
+            _mm256_storeu_ps(at(2 * p + 1, 0), _mm256_mul_ps(d1, scale));
+        }
+        // Without AVX-512, two queries at a time share each key load; a lone last query goes
+        // by itself.
+        let scale = _mm_set1_ps(shape.scale);
+        let mut qi = 2 * pairs;
         while qi < queries.len() {
             let pair = qi + 1 < queries.len();
             for half in 0..2 {
                 let keys = rows.add(half * 4 * d);
-                let at = |i: usize| out.add(i * span + b + half * 4);
                 if pair {
                     let [d0, d1] = dots4::<2>([queries[qi].q, queries[qi + 1].q], keys, d);
-                    _mm_storeu_ps(at(qi), _mm_mul_ps(d0, scale));
-                    _mm_storeu_ps(at(qi + 1), _mm_mul_ps(d1, scale));
+                    _mm_storeu_ps(at(qi, half * 4), _mm_mul_ps(d0, scale));
+                    _mm_storeu_ps(at(qi + 1, half * 4), _mm_mul_ps(d1, scale));
                 } else {
                     let [d0] = dots4::<1>([queries[qi].q], keys, d);
-                    _mm_storeu_ps(at(qi), _mm_mul_ps(d0, scale));
+                    _mm_storeu_ps(at(qi, half * 4), _mm_mul_ps(d0, scale));
                 }
             }
             qi += if pair { 2 } else { 1 };
@@ -214,7 +232,7 @@ unsafe fn queries_avx2(
     // arithmetic, in the same order, as one query alone.
     sums.clear();
     sums.resize(queries.len() * d, 0.0);
-    let wide = d.is_multiple_of(64) && has_avx512();
+    let wide = wide && d.is_multiple_of(64);
     for j0 in (lo..=hi).step_by(VALUE_BLOCK) {
         let range = |query: &Query| {
             (
@@ -314,6 +332,60 @@ unsafe fn dots4<const Q: usize>(
         out[i] = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
     }
     out
+}
+
+/// [`dots4`] for two queries and eight keys with AVX-512: `pair` holds the queries
+/// interleaved (eight dimensions of the first, the same eight of the second), and each key's
+/// eight dimensions are broadcast to both halves, so one multiply-add serves both queries.
+/// Each half's lanes sum the same terms in the same order as AVX2's, and are reduced as
+/// [`dots4`] reduces them: the same bits.
+///
+/// # Safety
+/// AVX2, FMA and AVX-512F available; `d` a multiple of 8; `pair` holds `2d` floats and
+/// `keys` eight rows of `d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn dots8_pair_avx512(
+    pair: &[f32],
+    keys: *const f32,
+    d: usize,
+) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for c in (0..d).step_by(8) {
+        let q = _mm512_loadu_ps(pair.as_ptr().add(2 * c));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let k = _mm256_castps_pd(_mm256_loadu_ps(keys.add(r * d + c)));
+            *a = _mm512_fmadd_ps(q, _mm512_castpd_ps(_mm512_broadcast_f64x4(k)), *a);
+        }
+    }
+    let half = |x: __m512, upper: bool| -> __m256 {
+        if upper {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)))
+        } else {
+            _mm512_castps512_ps256(x)
+        }
+    };
+    let reduce = |upper: bool| -> __m256 {
+        let a: [__m256; 8] = [
+            half(acc[0], upper),
+            half(acc[1], upper),
+            half(acc[2], upper),
+            half(acc[3], upper),
+            half(acc[4], upper),
+            half(acc[5], upper),
+            half(acc[6], upper),
+            half(acc[7], upper),
+        ];
+        // Lane r of the result is key r's sum, reduced as `dots4` reduces it.
+        let t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(t0, t1),
+            _mm256_permute2f128_ps::<0x31>(t0, t1),
+        )
+    };
+    [reduce(false), reduce(true)]
 }
 
 /// Keys whose value rows the queries of a task go through together: 16 KiB of values at a
