@@ -78,8 +78,8 @@ impl PrefixCache {
 
     /// A cache holding the first positions of `ids` that a stored prompt shares with it, at
     /// most `limit`, with room for `capacity` positions in all (the rest of the prompt, a
-    /// reply) so that the appends which follow do not grow it, copying it again; `None` when
-    /// no entry shares a token. An entry
+    /// reply; at most the model's context) so that the appends which follow do not grow it,
+    /// copying it again; `None` when no entry shares a token. An entry
     /// that `ids` extends whole is taken out and reused without a copy (unless another caller
     /// is copying from it at that moment); one shared in part is copied, and stays.
     pub fn checkout(
@@ -110,15 +110,18 @@ impl PrefixCache {
             (entry, shared, taken)
         };
         let n = shared.min(limit);
-        let room = capacity.saturating_sub(n);
         let cache = match Arc::try_unwrap(entry) {
             Ok(Entry { mut cache, .. }) if taken => {
                 cache.truncate(n);
-                cache.reserve(room)?;
+                cache.reserve(capacity.min(cache.max_len()).saturating_sub(n))?;
                 cache
             }
-            Ok(entry) => entry.cache.fork_prefix_with_room(n, room)?,
-            Err(entry) => entry.cache.fork_prefix_with_room(n, room)?,
+            Ok(entry) => entry
+                .cache
+                .fork_prefix_with_room(n, capacity.saturating_sub(n))?,
+            Err(entry) => entry
+                .cache
+                .fork_prefix_with_room(n, capacity.saturating_sub(n))?,
         };
         Ok(Some((cache, n)))
     }

@@ -180,7 +180,7 @@ impl<'m> DreamSession<'m> {
             }
             None => {
                 self.cache.clear();
-                self.cache.reserve(room)?;
+                self.cache.reserve(room.min(self.cache.max_len()))?;
                 0
             }
         };
